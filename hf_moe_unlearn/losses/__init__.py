@@ -1,0 +1,71 @@
+"""Losses for MoE unlearning: a registry of forget, retain, router and weighting losses.
+
+``get_loss("npo", kind="forget")(ctx)`` computes a registered loss on a :class:`LossContext`;
+``@register_loss(name, kind=...)`` adds your own. The math lives in :mod:`.functional` as pure tensor
+functions; importing this package registers the built-ins (:mod:`.builtin`).
+"""
+
+from . import builtin as _builtin  # noqa: F401  (registers the built-in losses)
+from . import functional
+from .builtin import trace_retain_shares
+from .context import LOSS_DEFAULTS, REQUIREMENTS, LossContext
+from .functional import (
+    IGNORE_INDEX,
+    ga_loss,
+    kl_loss,
+    nll_loss,
+    npo_loss,
+    prediction_mask,
+    rmu_control_vector,
+    rmu_forget_loss,
+    rmu_retain_loss,
+    router_scores,
+    routing_share,
+    sequence_nll,
+    seuf_anchor_loss,
+    simnpo_loss,
+    token_nll,
+    trace_token_weights,
+)
+from .registry import (
+    LOSS_KINDS,
+    LossSpec,
+    RegisteredLoss,
+    get_loss,
+    get_loss_spec,
+    list_losses,
+    register_loss,
+    unregister_loss,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LOSS_DEFAULTS",
+    "LOSS_KINDS",
+    "REQUIREMENTS",
+    "LossContext",
+    "LossSpec",
+    "RegisteredLoss",
+    "functional",
+    "ga_loss",
+    "get_loss",
+    "get_loss_spec",
+    "kl_loss",
+    "list_losses",
+    "nll_loss",
+    "npo_loss",
+    "prediction_mask",
+    "register_loss",
+    "rmu_control_vector",
+    "rmu_forget_loss",
+    "rmu_retain_loss",
+    "router_scores",
+    "routing_share",
+    "sequence_nll",
+    "seuf_anchor_loss",
+    "simnpo_loss",
+    "token_nll",
+    "trace_retain_shares",
+    "trace_token_weights",
+    "unregister_loss",
+]

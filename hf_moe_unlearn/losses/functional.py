@@ -1,0 +1,474 @@
+"""The tensor math of every built-in loss, as small pure functions.
+
+Conventions shared by every function here:
+
+* **Labels follow the Hugging Face convention**: ``labels`` has the shape of ``input_ids`` and is *not*
+  shifted; ``-100`` marks a position that is not counted (prompt, padding). Each function shifts
+  inside (``logits[:, :-1]`` predicts ``labels[:, 1:]``), so callers pass the batch as the collator made it.
+* **Log-probabilities are taken in float32** (``log_softmax`` of ``logits.float()``): bf16 log-softmax over a
+  large vocabulary loses the small differences NPO and KL are made of.
+* **Per-token weights** (TRACE) are ``[B, T]`` tensors *aligned with the unshifted labels*: ``w[:, t]``
+  weights the loss term whose target is ``labels[:, t]`` (predicted from position ``t - 1``), and they
+  are shifted with the labels. ``w[:, 0]`` is therefore never used.
+* **No host syncs**: nothing calls ``.item()``, ``nonzero`` or boolean indexing, so a training step never
+  waits on the device. A batch without counted tokens yields 0 (the denominator is clamped to 1)
+  instead of NaN.
+
+The reference implementations matched are named in each docstring (OpenUnlearning ``src/trainer``, the
+WMDP RMU code, the SEUF code). The TRACE formulas are this project's specification (the paper's are
+not public), see ``docs/methods.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import MoEUnlearnError
+
+IGNORE_INDEX = -100
+
+__all__ = [
+    "IGNORE_INDEX",
+    "token_nll",
+    "sequence_nll",
+    "ga_loss",
+    "npo_loss",
+    "simnpo_loss",
+    "nll_loss",
+    "kl_loss",
+    "rmu_forget_loss",
+    "rmu_retain_loss",
+    "rmu_control_vector",
+    "router_scores",
+    "seuf_anchor_loss",
+    "prediction_mask",
+    "trace_token_weights",
+    "routing_share",
+]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 3 or labels.dim() != 2 or tuple(logits.shape[:2]) != tuple(labels.shape):
+        raise MoEUnlearnError(
+            f"Expected logits [B, T, V] and labels [B, T] of the same B and T, got logits "
+            f"{tuple(logits.shape)} and labels {tuple(labels.shape)}. Pass the model's full logits and the "
+            "unshifted labels of the same batch."
+        )
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ values·mask / Σ mask, 0 (not NaN) when nothing is counted, without a host sync."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _shifted_weights(token_weights: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor | None:
+    """Shift ``[B, T]`` label-aligned weights like the labels; ``None`` stays ``None``."""
+    if token_weights is None:
+        return None
+    if tuple(token_weights.shape) != tuple(labels.shape):
+        raise MoEUnlearnError(
+            f"token_weights must have the shape of the unshifted labels {tuple(labels.shape)}, got "
+            f"{tuple(token_weights.shape)}. Weights are aligned with label positions and shifted with them."
+        )
+    return token_weights[:, 1:].detach().float()
+
+
+def _check_beta(beta: float, name: str) -> None:
+    if not (beta > 0 and math.isfinite(beta)):
+        raise MoEUnlearnError(f"{name} must be a positive finite number, got {beta!r}.")
+
+
+# ------------------------------------------------------------------------------------------ token NLLs
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood of the next token.
+
+    Args:
+        logits: ``[B, T, V]`` model logits.
+        labels: ``[B, T]`` unshifted labels, ``-100`` = not counted.
+
+    Returns:
+        ``(nll, mask)``, both ``[B, T-1]`` float32: ``nll[:, t] = −log p(labels[:, t+1] | ≤ t)`` (0 where
+        not counted) and ``mask`` 1.0 where the target is counted.
+    """
+    _check_logits_labels(logits, labels)
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    # cross_entropy = log_softmax + gather in one fused call; ignore_index zeroes the uncounted positions.
+    nll = F.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    mask = (shift_labels != IGNORE_INDEX).float()
+    return nll, mask
+
+
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL ℓ(x) of each sequence and its number of counted tokens |x|.
+
+    This is OpenUnlearning's ``compute_batch_nll`` (sum over counted tokens, per sequence) — the quantity
+    NPO and SimNPO are defined on, *not* the per-token mean ``model(...).loss`` gives.
+
+    Returns:
+        ``(nll_sum [B], n_tokens [B])``, float32.
+    """
+    nll, mask = token_nll(logits, labels)
+    return nll.sum(dim=-1), mask.sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------- forget losses
+def ga_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Gradient ascent: minus the mean NLL over all counted tokens of the batch.
+
+    Computed from logits rather than ``outputs.loss`` because, with ``output_router_logits=True``,
+    transformers adds the router auxiliary loss into ``outputs.loss`` and ascending it unbalances the router.
+    """
+    nll, mask = token_nll(logits, labels)
+    return -_masked_mean(nll, mask)
+
+
+def npo_loss(nll_sum: torch.Tensor, ref_nll_sum: torch.Tensor, beta: float) -> torch.Tensor:
+    """Negative Preference Optimization (Zhang et al. 2024), as OpenUnlearning computes it.
+
+    ``L = −(2/β) · mean_x log σ(−β · log(πθ(x)/πref(x)))`` with ``log πθ(x) = −ℓθ(x)`` the sequence
+    log-likelihood, i.e. ``−(2/β) · mean log σ(β (ℓθ(x) − ℓref(x)))``. OpenUnlearning's
+    ``compute_dpo_loss(lose_inputs=forget)`` gives exactly this (``lose_log_ratio = ℓref − ℓθ``).
+    When ℓθ = ℓref the loss is ``(2/β)·log 2``; it falls to 0 as the model's forget NLL grows.
+
+    Args:
+        nll_sum: ``[B]`` summed NLL of the model (with grad).
+        ref_nll_sum: ``[B]`` summed NLL of the frozen reference (detached here).
+        beta: inverse temperature β > 0 (usual default 0.1).
+    """
+    _check_beta(beta, "npo beta")
+    if nll_sum.shape != ref_nll_sum.shape:
+        raise MoEUnlearnError(
+            f"nll_sum {tuple(nll_sum.shape)} and ref_nll_sum {tuple(ref_nll_sum.shape)} must have one value "
+            "per sequence of the same batch."
+        )
+    log_ratio = nll_sum.float() - ref_nll_sum.detach().float()
+    return -(2.0 / beta) * F.logsigmoid(beta * log_ratio).mean()
+
+
+def simnpo_loss(
+    nll_sum: torch.Tensor, n_tokens: torch.Tensor, beta: float, delta: float = 0.0
+) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024): reference-free NPO on the length-normalised NLL.
+
+    ``L = −(2/β) · mean_x log σ(β (ℓθ(x)/|x| − δ))``.
+
+    Sign convention matched: OpenUnlearning ``src/trainer/unlearn/simnpo.py``
+    (``forget_loss = nll_sum / n_tokens − delta; −logsigmoid(beta * forget_loss).mean() * 2 / beta``).
+    The SimNPO paper writes ``−(2/β) log σ(−(β/|y|) log πθ(y|x) − γ)``; since ``−log πθ/|y| = ℓθ/|x|``
+    it is the same loss with the paper's margin ``γ = β·δ``. (The SimNPO repository's MUSE script applies
+    the formula to raw logits — a known bug we do not reproduce.)
+
+    Args:
+        nll_sum: ``[B]`` summed NLL ℓθ(x).
+        n_tokens: ``[B]`` counted tokens |x| (clamped to ≥ 1 so an empty answer gives no NaN).
+        beta: β > 0 (4.5 in the paper's MUSE/WMDP runs, 2.5 for TOFU).
+        delta: margin δ ≥ 0 (default 0).
+    """
+    _check_beta(beta, "simnpo beta")
+    if nll_sum.shape != n_tokens.shape:
+        raise MoEUnlearnError(
+            f"nll_sum {tuple(nll_sum.shape)} and n_tokens {tuple(n_tokens.shape)} must both be [B]."
+        )
+    mean_nll = nll_sum.float() / n_tokens.float().clamp_min(1.0)
+    return -(2.0 / beta) * F.logsigmoid(beta * (mean_nll - delta)).mean()
+
+
+# ----------------------------------------------------------------------------------------- retain losses
+def nll_loss(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(Weighted) mean NLL over counted tokens: ``Σ_t w_t·nll_t / Σ_t 1``.
+
+    With ``token_weights=None`` (w = 1) this is the usual causal-LM loss. With TRACE weights it is the
+    project's weighted retain loss: the denominator is the plain token count, so weights normalised to
+    mean 1 keep the loss on its usual scale.
+
+    Args:
+        token_weights: optional ``[B, T]`` weights aligned with the unshifted ``labels`` (see module doc);
+            detached — weights are a calibration, not something to optimise.
+    """
+    nll, mask = token_nll(logits, labels)
+    weights = _shifted_weights(token_weights, labels)
+    if weights is not None:
+        nll = nll * weights
+    return _masked_mean(nll, mask)
+
+
+KLDirection = Literal["model_to_ref", "ref_to_model"]
+
+
+def kl_loss(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    labels: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
+    direction: KLDirection = "model_to_ref",
+) -> torch.Tensor:
+    """Per-token KL divergence to the reference model, (weighted) mean over counted positions.
+
+    ``direction="model_to_ref"`` (default) is ``KL(pθ ‖ pref) = Σ_v pθ (log pθ − log pref)``, what
+    ``docs/unlearning-reference.md`` names. ``F.kl_div(input, target, log_target=True)`` computes
+    ``Σ target·(log target − input)`` = KL(target ‖ input), so this direction is
+    ``kl_div(log pref, log pθ)``. OpenUnlearning and the TOFU code call ``kl_div(log pθ, log pref)``, which
+    is the other direction, ``KL(pref ‖ pθ)``: choose ``direction="ref_to_model"`` for parity with them.
+    (Their reduction also differs: ``batchmean`` over every position, padding included; ours averages over
+    counted, label-bearing positions only.)
+
+    Positions are the shifted ones (logits at ``t`` predicting ``labels[:, t+1]``), counted where that
+    label is not -100. ``token_weights`` as in :func:`nll_loss`.
+    """
+    _check_logits_labels(logits, labels)
+    if logits.shape != ref_logits.shape:
+        raise MoEUnlearnError(
+            f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} must have the same shape: "
+            "run the reference model on the same batch."
+        )
+    if direction not in ("model_to_ref", "ref_to_model"):
+        raise MoEUnlearnError(f"kl direction must be 'model_to_ref' or 'ref_to_model', got {direction!r}.")
+    log_p = F.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    log_ref = F.log_softmax(ref_logits[:, :-1, :].detach().float(), dim=-1)
+    if direction == "model_to_ref":
+        per_token = F.kl_div(log_ref, log_p, reduction="none", log_target=True).sum(dim=-1)
+    else:
+        per_token = F.kl_div(log_p, log_ref, reduction="none", log_target=True).sum(dim=-1)
+    mask = (labels[:, 1:] != IGNORE_INDEX).float()
+    weights = _shifted_weights(token_weights, labels)
+    if weights is not None:
+        per_token = per_token * weights
+    return _masked_mean(per_token, mask)
+
+
+# ----------------------------------------------------------------------------------------------- RMU
+def _check_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> None:
+    if hidden.dim() != 3 or tuple(mask.shape) != tuple(hidden.shape[:2]):
+        raise MoEUnlearnError(
+            f"Expected hidden states [B, T, H] and a token mask [B, T], got {tuple(hidden.shape)} and "
+            f"{tuple(mask.shape)}."
+        )
+
+
+def _token_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over counted tokens of ‖a − b‖²/H, i.e. ``F.mse_loss`` restricted to the counted positions."""
+    per_token = F.mse_loss(a.float(), b.float().expand_as(a), reduction="none").mean(dim=-1)
+    return _masked_mean(per_token, mask)
+
+
+def rmu_forget_loss(hidden: torch.Tensor, control: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RMU forget term: push the forget hidden states towards the fixed random vector ``c·u``.
+
+    ``mean_{counted t} ‖h_t − c·u‖² / H`` — the WMDP code's ``F.mse_loss(h, control_vec)`` restricted to
+    counted tokens (the WMDP code averages over every position; OpenUnlearning masks by ``labels != -100``
+    but averages per sequence first; we average over all counted tokens of the batch).
+
+    Args:
+        hidden: ``[B, T, H]`` hidden states of the model at the RMU layer (with grad).
+        control: ``[H]`` control vector ``c·u`` (:func:`rmu_control_vector`).
+        mask: ``[B, T]`` 1 for counted tokens (token positions, no shift: hidden states are per input token).
+    """
+    _check_hidden(hidden, mask)
+    if control.dim() != 1 or control.shape[0] != hidden.shape[-1]:
+        raise MoEUnlearnError(
+            f"control vector must be [H] = [{hidden.shape[-1]}], got {tuple(control.shape)}: build it with "
+            "rmu_control_vector(hidden_size, coeff, seed)."
+        )
+    return _token_mse(hidden, control.to(hidden.device), mask)
+
+
+def rmu_retain_loss(hidden: torch.Tensor, ref_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RMU retain term: ``mean_{counted t} ‖h_t − h_ref,t‖² / H`` (the reference is detached)."""
+    _check_hidden(hidden, mask)
+    if hidden.shape != ref_hidden.shape:
+        raise MoEUnlearnError(
+            f"hidden {tuple(hidden.shape)} and ref_hidden {tuple(ref_hidden.shape)} must match: take both at "
+            "the same layer on the same batch."
+        )
+    return _token_mse(hidden, ref_hidden.detach(), mask)
+
+
+def rmu_control_vector(
+    hidden_size: int,
+    coeff: float,
+    seed: int = 0,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The RMU target ``c·u``: ``u ~ U[0,1)^H`` normalised to unit length, scaled by the steering coefficient.
+
+    As in the WMDP code (``torch.rand`` / ``norm`` · ``steering_coeff``), but drawn from a private CPU
+    generator seeded with ``seed``, so the same seed gives the same vector on any device and the global RNG
+    is untouched.
+    """
+    if hidden_size <= 0:
+        raise MoEUnlearnError(f"hidden_size must be positive, got {hidden_size}.")
+    if not math.isfinite(coeff):
+        raise MoEUnlearnError(f"rmu steering coefficient must be finite, got {coeff!r}.")
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    u = torch.rand(hidden_size, generator=generator, dtype=torch.float64)
+    return (coeff * u / u.norm()).to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------- SEUF anchor
+ScoreFn = Literal["softmax", "sigmoid"]
+
+
+def router_scores(router_logits: torch.Tensor, score_fn: ScoreFn = "softmax") -> torch.Tensor:
+    """The router's distribution over experts, in float32: softmax, or sigmoid scores normalised to sum 1.
+
+    Full distribution, before top-k masking (the SEUF code's choice; the paper's top-k-masked g has no
+    gradient for the unchosen experts, so it could not pull a token back to the selected expert).
+    """
+    logits = router_logits.float()
+    if score_fn == "softmax":
+        return logits.softmax(dim=-1)
+    if score_fn == "sigmoid":
+        scores = logits.sigmoid()
+        return scores / scores.sum(dim=-1, keepdim=True)
+    raise MoEUnlearnError(f"score_fn must be 'softmax' or 'sigmoid', got {score_fn!r}.")
+
+
+def seuf_anchor_loss(
+    router_logits: torch.Tensor,
+    experts: int | Sequence[int],
+    mask: torch.Tensor,
+    score_fn: ScoreFn = "softmax",
+    reduction: Literal["paper", "code"] = "paper",
+) -> torch.Tensor:
+    """SEUF router anchor (Eq. 3–4): keep forget tokens routed to the expert being unlearned.
+
+    For one expert ``e*``: ``mean_{counted tokens} ‖g_t − onehot(e*)‖²₂`` with ``g_t`` the router's
+    distribution (:func:`router_scores`).
+
+    * ``reduction="paper"``: the squared L2 distance summed over the E experts (the paper's Eq. 4).
+    * ``reduction="code"``: the public SEUF code's ``F.mse_loss`` (mean over the E entries too) = paper / E.
+      Unlike that code we average over counted tokens only, not padding.
+
+    Several selected experts in one layer: the anchor is the **average of the single-expert anchors**
+    ``(1/m) Σ_{e∈S} ‖g − onehot(e)‖²`` — each selected expert keeps its own pull and the total keeps the
+    single-expert scale. (The SEUF code instead uses one multi-hot target, whose optimum is not a
+    distribution.)
+
+    Args:
+        router_logits: ``[N, E]`` live router logits of the forget forward (N = B·T, row-major), with grad.
+        experts: the selected expert index, or a list of them, of this layer.
+        mask: ``[N]`` 1 for counted forget tokens.
+    """
+    if router_logits.dim() != 2 or mask.dim() != 1 or mask.shape[0] != router_logits.shape[0]:
+        raise MoEUnlearnError(
+            f"Expected router logits [N, E] and a token mask [N], got {tuple(router_logits.shape)} and "
+            f"{tuple(mask.shape)}. Flatten [B, T] to N = B*T in the same (row-major) order."
+        )
+    if reduction not in ("paper", "code"):
+        raise MoEUnlearnError(f"anchor reduction must be 'paper' or 'code', got {reduction!r}.")
+    expert_list = [experts] if isinstance(experts, int) else list(experts)
+    num_experts = router_logits.shape[-1]
+    if not expert_list or any(not 0 <= e < num_experts for e in expert_list):
+        raise MoEUnlearnError(
+            f"Selected experts {expert_list} must be a non-empty list of indices in [0, {num_experts})."
+        )
+    scores = router_scores(router_logits, score_fn)
+    per_token = torch.zeros_like(scores[:, 0])
+    for expert in expert_list:
+        # One-hot built on the device by an indexed fill: no host→device copy on the hot path.
+        target = torch.zeros_like(scores[0])
+        target[expert] = 1.0
+        sq = F.mse_loss(scores, target.expand_as(scores), reduction="none")  # [N, E]
+        per_token = per_token + (sq.sum(dim=-1) if reduction == "paper" else sq.mean(dim=-1))
+    per_token = per_token / len(expert_list)
+    return _masked_mean(per_token, mask)
+
+
+# ------------------------------------------------------------------------------------------- TRACE
+def prediction_mask(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` float mask, 1 at the positions whose *prediction* is counted (``labels[:, t+1] != -100``).
+
+    Routing is recorded per input position; the loss term that position ``t``'s computation produces is
+    the one whose target is ``labels[:, t+1]``. This is that alignment, in the token (routing) frame;
+    the last position predicts nothing.
+    """
+    mask = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    mask[:, :-1] = (labels[:, 1:] != IGNORE_INDEX).float()
+    return mask
+
+
+@torch.no_grad()
+def trace_token_weights(
+    topk_indices: Mapping[int, torch.Tensor],
+    critical: Mapping[int, Mapping[int, float]],
+    mask: torch.Tensor,
+    w_max: float = 10.0,
+) -> torch.Tensor:
+    """TRACE retain-token weights (project specification, ``docs/methods.md``; the paper's are not public).
+
+    ``w_t = 1 + Σ_{(l,e) selected, e ∈ topk_l(t)} (min(f_F/f_R, w_max) − 1)``, floored at 0, then normalised
+    to mean 1 over the counted tokens (so the weighted retain loss keeps its scale), clipped to ``w_max``;
+    uncounted tokens get 0. Detached: the weights calibrate the loss, they are not optimised.
+
+    Args:
+        topk_indices: layer → ``[N, k]`` top-k expert indices of each retain token (from the router hooks).
+        critical: layer → {expert: f_F(l,e)/f_R(l,e)} for the selected forget-critical experts
+            (``float('inf')`` allowed for f_R = 0; it is capped at ``w_max``).
+        mask: ``[N]`` 1 for counted retain tokens.
+        w_max: cap on a ratio and on the final weight.
+
+    Returns:
+        ``[N]`` float32 weights.
+    """
+    if not (w_max >= 1 and math.isfinite(w_max)):
+        raise MoEUnlearnError(f"trace w_max must be a finite number ≥ 1, got {w_max!r}.")
+    if mask.dim() != 1:
+        raise MoEUnlearnError(f"mask must be [N] (flattened tokens), got {tuple(mask.shape)}.")
+    counted = mask.float()
+    raw = torch.ones_like(counted)
+    for layer, ratios in critical.items():
+        if layer not in topk_indices:
+            raise MoEUnlearnError(
+                f"No routing recorded for layer {layer}; recorded layers: {sorted(topk_indices)}. "
+                "The retain forward must record the top-k of every layer holding a selected expert."
+            )
+        topk = topk_indices[layer]
+        if topk.dim() != 2 or topk.shape[0] != counted.shape[0]:
+            raise MoEUnlearnError(
+                f"top-k indices of layer {layer} must be [N, k] with N = {counted.shape[0]}, got {tuple(topk.shape)}."
+            )
+        for expert, ratio in ratios.items():
+            ratio = float(ratio)
+            if math.isnan(ratio) or ratio < 0:
+                raise MoEUnlearnError(f"f_F/f_R of layer {layer} expert {expert} must be ≥ 0, got {ratio!r}.")
+            hit = (topk == expert).any(dim=-1).float()
+            raw = raw + hit * (min(ratio, w_max) - 1.0)
+    raw = raw.clamp_min(0.0)  # ratios < 1 (explicit selections) must not produce negative weights
+    mean = (raw * counted).sum() / counted.sum().clamp_min(1.0)
+    weights = (raw / mean.clamp_min(1e-12)).clamp_max(w_max)
+    return weights * counted
+
+
+@torch.no_grad()
+def routing_share(
+    topk_indices: torch.Tensor,
+    expert: int,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(Weighted) fraction of counted tokens whose top-k contains ``expert``: ``Σ w·m·hit / Σ w·m``.
+
+    With TRACE weights this is the retain-side frequency the calibration steers towards f_F; log it next
+    to f_F(l, e). Returns a 0-d tensor (no host sync; call ``.item()`` when logging).
+    """
+    if topk_indices.dim() != 2 or mask.dim() != 1 or mask.shape[0] != topk_indices.shape[0]:
+        raise MoEUnlearnError(
+            f"Expected top-k indices [N, k] and a mask [N], got {tuple(topk_indices.shape)} and {tuple(mask.shape)}."
+        )
+    if weights is not None and weights.numel() != mask.shape[0]:
+        raise MoEUnlearnError(f"weights must have one value per token ({mask.shape[0]}), got {tuple(weights.shape)}.")
+    w = mask.float() if weights is None else mask.float() * weights.float().reshape(-1)
+    hit = (topk_indices == expert).any(dim=-1).float()
+    return (w * hit).sum() / w.sum().clamp_min(1e-12)

@@ -1,0 +1,254 @@
+"""RouterRecorder sees the routing the model really used; attribution and the selection strategies."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hf_moe_unlearn.errors import MoEUnlearnError
+from hf_moe_unlearn.moe import TINY_CONFIGS, find_moe_layers, tiny_modulelist_moe_model, tiny_moe_model
+from hf_moe_unlearn.routing import (
+    ExpertSelection,
+    ExpertStats,
+    RouterRecorder,
+    attribute_experts,
+    parse_router_output,
+    select_explicit,
+    select_seuf,
+    select_trace,
+)
+
+
+def _independent_counts(model, input_ids, mask):
+    """Top-k hits per layer read from the *experts* module's inputs (its top_k_index argument), not the router."""
+    seen = {}
+    handles = []
+    for layer in find_moe_layers(model):
+        def pre_hook(module, args, index=layer.index, num_experts=layer.num_experts):
+            top_k_index = args[1]
+            onehot = torch.nn.functional.one_hot(top_k_index.reshape(-1, top_k_index.shape[-1]), num_experts).sum(1)
+            seen[index] = (onehot * mask.reshape(-1, 1)).sum(0).double()
+        handles.append(layer.experts.register_forward_pre_hook(pre_hook))
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=(mask > 0).long() | 1)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (3, 7), generator=g)
+    mask = torch.ones(3, 7)
+    mask[1, 5:] = 0  # padding
+    mask[2, :2] = 0  # prompt tokens without labels
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_recorder_counts_match_experts_inputs(family):
+    model = tiny_moe_model(family)
+    ids, mask = _batch()
+    expected = _independent_counts(model, ids, mask)
+    with RouterRecorder(model, keep_current=True) as rec:
+        rec.set_mask(mask)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=(mask > 0).long() | 1)
+    stats = rec.stats()
+    assert stats.tokens == mask.sum().item()
+    assert stats.sequences == 3
+    for layer in stats.layers:
+        np.testing.assert_allclose(stats.frequency(layer) * stats.tokens, expected[layer].numpy())
+        assert rec.current_indices[layer].shape == (ids.numel(), 2)
+        # each counted token is routed to exactly top-k experts
+        assert stats.frequency(layer).sum() == pytest.approx(2.0)
+    # hooks are gone after the context
+    for layer in find_moe_layers(model):
+        assert not layer.router._forward_hooks
+
+
+def test_gate_and_probability_sums_match_hand_computation():
+    model = tiny_moe_model("qwen3_moe")
+    ids, mask = _batch(1)
+    layer = find_moe_layers(model)[1]
+    outputs = []
+    h = layer.router.register_forward_hook(lambda m, i, o: outputs.append(o))
+    with RouterRecorder(model) as rec, torch.no_grad():
+        rec.set_mask(mask)
+        model(input_ids=ids)
+    h.remove()
+    logits, scores, index = outputs[0]
+    flat_mask = mask.reshape(-1, 1)
+    probs = torch.softmax(logits.float(), -1)
+    gates = torch.zeros_like(probs).scatter(1, index, scores.float())
+    stats = rec.stats()
+    np.testing.assert_allclose(stats.mean_probability(1) * stats.tokens, (probs * flat_mask).sum(0).double(), rtol=1e-5)
+    np.testing.assert_allclose(stats.mean_gate(1) * stats.tokens, (gates * flat_mask).sum(0).double(), rtol=1e-5)
+    # SEUF Eq. 2: per-sequence mean, then mean over sequences
+    per_seq = (gates.reshape(3, 7, -1) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    np.testing.assert_allclose(stats.seuf_scores(1), per_seq.mean(0).double(), rtol=1e-5)
+
+
+def test_gradient_checkpointing_does_not_count_twice():
+    model = tiny_moe_model("qwen3_moe")
+    ids, mask = _batch(2)
+    with RouterRecorder(model) as rec, torch.no_grad():
+        rec.set_mask(mask)
+        model(input_ids=ids)
+    plain = rec.stats()
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    handle = find_moe_layers(model)[0].router.register_forward_hook(lambda *a: calls.append(1))
+    with RouterRecorder(model, keep_current=True) as rec:
+        rec.set_mask(mask)
+        out = model(input_ids=ids, labels=ids)
+        kept = {k: v.clone() for k, v in rec.current_indices.items()}
+        out.logits.float().pow(2).mean().backward()
+    handle.remove()
+    assert len(calls) == 2  # the router did run again during backward ...
+    ckpt = rec.stats()
+    assert ckpt.tokens == plain.tokens  # ... but was not counted again
+    np.testing.assert_allclose(ckpt.hits, plain.hits)
+    for k in kept:
+        assert torch.equal(kept[k], rec.current_indices[k])
+
+
+def test_hooks_removed_on_exception():
+    model = tiny_moe_model("mixtral")
+    with pytest.raises(RuntimeError, match="boom"):
+        with RouterRecorder(model):
+            raise RuntimeError("boom")
+    assert all(not l.router._forward_hooks for l in find_moe_layers(model))
+
+
+def test_router_output_order_does_not_matter():
+    layer = find_moe_layers(tiny_moe_model("granitemoe"))[0]
+    logits = torch.randn(5, 4)
+    weights, index = torch.topk(torch.softmax(logits, -1), 2)
+    a = parse_router_output((logits, weights, index), layer)
+    b = parse_router_output((index, weights, logits), layer)  # GraniteMoE 5.17-5.20 order
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights) and torch.equal(a.logits, b.logits)
+
+
+def test_module_list_router_logits_only():
+    model = tiny_modulelist_moe_model()
+    ids, mask = _batch(3)
+    with RouterRecorder(model) as rec, torch.no_grad():
+        rec.set_mask(mask)
+        model(input_ids=ids)
+    stats = rec.stats()
+    layer = find_moe_layers(model)[0]
+    with torch.no_grad():
+        hidden = []
+        h = layer.router.register_forward_hook(lambda m, i, o: hidden.append(o))
+        model(input_ids=ids)
+        h.remove()
+    top = torch.topk(hidden[0], 2).indices
+    expected = (torch.nn.functional.one_hot(top, 4).sum(1) * mask.reshape(-1, 1)).sum(0)
+    np.testing.assert_allclose(stats.frequency(0) * stats.tokens, expected.double())
+
+
+def test_mask_size_mismatch_is_clear():
+    model = tiny_moe_model("qwen3_moe")
+    with RouterRecorder(model) as rec, torch.no_grad():
+        rec.set_mask(torch.ones(2, 3))
+        with pytest.raises(MoEUnlearnError, match="mask has 6 positions"):
+            model(input_ids=torch.randint(3, 128, (2, 5)))
+
+
+# --- attribution ---------------------------------------------------------------------------------------------
+
+
+def test_attribute_experts_matches_recorder_and_roundtrips(tmp_path, tiny_tokenizer):
+    model = tiny_moe_model("qwen2_moe")
+    texts = ["w1 w2 w3 w4 w5", "w6 w7", "w8 w9 w10"]
+    stats = attribute_experts(model, texts, tiny_tokenizer, batch_size=2, show_progress=False)
+    # tokens: bos + words + eos per text
+    assert stats.tokens == sum(len(t.split()) + 1 for t in texts) + (len(texts) if tiny_tokenizer.bos_token_id in
+                                                                        tiny_tokenizer("w1")["input_ids"] else 0)
+    single = attribute_experts(model, texts, tiny_tokenizer, batch_size=1, show_progress=False)
+    np.testing.assert_allclose(stats.hits, single.hits)  # batching and padding change nothing
+    np.testing.assert_allclose(stats.seq_gate_mean_sum, single.seq_gate_mean_sum, rtol=1e-5)
+    path = tmp_path / "stats.json"
+    stats.save(path)
+    loaded = ExpertStats.load(path)
+    assert loaded == stats
+    loaded.check_model(model)
+    with pytest.raises(MoEUnlearnError, match="another model"):
+        loaded.check_model(tiny_moe_model("qwen2_moe", num_hidden_layers=3))
+
+
+def test_prompt_answer_pairs_count_only_answers(tiny_tokenizer):
+    model = tiny_moe_model("qwen3_moe")
+    qa = [{"prompt": "w1 w2 w3", "answer": "w4 w5"}]
+    stats = attribute_experts(model, qa, tiny_tokenizer, show_progress=False)
+    assert stats.tokens == 3  # two answer words + eos
+
+
+def test_empty_dataset_error(tiny_tokenizer):
+    with pytest.raises(MoEUnlearnError, match="empty"):
+        attribute_experts(tiny_moe_model(), [], tiny_tokenizer, show_progress=False)
+
+
+def test_attribution_under_accelerate_single_process(tiny_tokenizer):
+    from accelerate import Accelerator
+
+    model = tiny_moe_model()
+    texts = ["w1 w2 w3", "w4 w5 w6 w7"]
+    a = attribute_experts(model, texts, tiny_tokenizer, accelerator=Accelerator(cpu=True), show_progress=False)
+    b = attribute_experts(model, texts, tiny_tokenizer, show_progress=False)
+    np.testing.assert_allclose(a.hits, b.hits)
+
+
+# --- selection strategies ------------------------------------------------------------------------------------
+
+
+def _stats(hits, tokens=10.0, seq=None, fingerprint="f"):
+    hits = [list(map(float, row)) for row in hits]
+    return ExpertStats(
+        layers=list(range(len(hits))), num_experts=[len(hits[0])] * len(hits), top_k=[2] * len(hits),
+        hits=hits, prob_sum=hits, gate_sum=hits, seq_gate_mean_sum=seq or hits, tokens=tokens, sequences=1.0,
+        model_fingerprint=fingerprint,
+    )
+
+
+def test_select_seuf_global_and_per_layer():
+    stats = _stats([[1, 2, 3, 14], [9, 1, 5, 5]], seq=[[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.2, 0.2]])
+    sel = select_seuf(stats)
+    assert sel.experts == {1: [0]} and sel.scores == {1: {0: 0.5}} and sel.method == "seuf"
+    assert select_seuf(stats, top_m=2).experts == {0: [3], 1: [0]}
+    assert select_seuf(stats, top_m=2, per_layer=True).experts == {0: [2, 3], 1: [0, 2]}
+
+
+def test_select_trace_hand_computed():
+    # 10 forget / 10 retain tokens, k=2 of E=4 → uniform rate 0.5
+    forget = _stats([[8, 6, 4, 2], [5, 5, 5, 5]])
+    retain = _stats([[2, 6, 6, 6], [5, 5, 5, 5]])
+    sel = select_trace(forget, retain)
+    # layer 0: expert 0 f_F=0.8 ≥ 0.5 and ratio 4 ≥ 1.1; expert 1 ratio 1 → not eligible; layer 1 uniform → none
+    assert sel.experts == {0: [0]}
+    assert sel.stats["ratio"][0][0] == pytest.approx(4.0, rel=1e-5)
+    assert sel.scores[0][0] == pytest.approx(0.8 * np.log(0.8 / (0.2 + 1e-6)))
+    with pytest.raises(MoEUnlearnError, match="(?s)no forget-critical expert.*layer 0 expert 0.*trace_tau"):
+        select_trace(forget, retain, rho=5.0)
+    with pytest.raises(MoEUnlearnError, match="different models"):
+        select_trace(forget, _stats([[1, 1, 1, 1], [1, 1, 1, 1]], fingerprint="g"))
+
+
+def test_selection_validation_and_json(tmp_path):
+    model = tiny_moe_model("qwen2_moe")
+    sel = select_explicit(model, {1: [3, 0]})
+    assert sel.experts == {1: [0, 3]}
+    again = ExpertSelection.load(sel.save(tmp_path))
+    assert again == sel
+    assert json.loads((tmp_path / "selection.json").read_text())["experts"] == {"1": [0, 3]}
+    with pytest.raises(MoEUnlearnError, match="layer 5, which is not an MoE layer"):
+        select_explicit(model, {5: [0]})
+    with pytest.raises(MoEUnlearnError, match=r"expert\(s\) \[4\].*Shared experts"):
+        select_explicit(model, {0: [4]})
+    with pytest.raises(MoEUnlearnError, match="names no expert"):
+        ExpertSelection({0: []})
+    with pytest.raises(MoEUnlearnError, match="another model"):
+        sel.validate(tiny_moe_model("qwen2_moe", num_hidden_layers=3))
