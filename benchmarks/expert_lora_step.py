@@ -1,0 +1,281 @@
+"""Training-step speed and memory of expert-selective LoRA against full fine-tuning, PEFT LoRA on all experts and
+frozen-model ceilings.
+
+    python benchmarks/expert_lora_step.py --device cpu --size tiny --repeats 2 --steps 5
+    python benchmarks/expert_lora_step.py --device cuda --size gpu --repeats 2 --steps 10
+
+Two scenarios on a Qwen3-MoE model with random weights (same seed for every variant):
+
+- every layer: one expert selected in every layer (+ the routers). Compared with the all-depth ceiling (whole model
+  frozen except a negligible parameter added to the input embeddings, so the backward runs through every layer and
+  computes no weight gradient) and with PEFT ``target_parameters`` LoRA on all experts of all layers.
+- SEUF default: one expert in layer 6 of 8 (+ its router). Compared with the depth-limited ceiling (frozen except a
+  negligible parameter added at layer 6's input, so the backward stops there).
+
+Each repeat runs every variant once, in the same order, and ratios are taken within a repeat (absolute throughput
+drifts between runs and machines). Memory: the real peak on CUDA, and on every device an estimate (parameters +
+gradients + optimizer state + tensors saved for backward) that needs no allocator statistics.
+
+Imports only torch, transformers and peft (+ hf_moe_unlearn.adapter): the GPU machine has no trl/datasets/evaluate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+# Keep the import surface of the GPU machine: fail loudly if the package starts pulling in training extras.
+from hf_moe_unlearn.adapter import get_expert_peft_model  # noqa: E402
+
+SIZES = {
+    # A Qwen3-MoE small enough for two CPU cores, with the same depth (8 layers) so "layer 6 of 8" means the same.
+    "tiny": dict(
+        config=dict(hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    vocab_size=512, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
+                    num_experts_per_tok=2),
+        batch=4, seq=128, dtype="float32",
+    ),
+    # 0.49B parameters: hidden 1024, 8 layers, 32 experts top-4; moe_intermediate 512, 16 heads (4 KV) of 64 and a
+    # 32k vocabulary bring it to 0.490B (a 151k vocabulary would make the LM head, not the experts, the model).
+    "gpu": dict(
+        config=dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                    vocab_size=32000, intermediate_size=2816, moe_intermediate_size=512, num_experts=32,
+                    num_experts_per_tok=4),
+        batch=8, seq=1024, dtype="bfloat16",
+    ),
+}
+SEUF_LAYER = 6
+
+
+@dataclass
+class Variant:
+    name: str
+    scenario: str
+    build: Callable[[nn.Module], tuple[nn.Module, list[nn.Parameter]]]
+
+
+def build_model(size: str, device: torch.device) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = SIZES[size]
+    config = AutoConfig.for_model("qwen3_moe", **spec["config"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec["dtype"]))
+    return model.train()
+
+
+def _freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def full_ft(model):
+    return model, [p for p in model.parameters()]
+
+
+def ceiling_input(model):
+    """Frozen model + a zero [hidden] vector added to the embeddings' output: backward through every layer."""
+    _freeze(model)
+    probe = nn.Parameter(torch.zeros(model.config.hidden_size, device=model.device, dtype=model.dtype))
+    model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out + probe)
+    return model, [probe]
+
+
+def ceiling_at_layer(layer_index: int):
+    def build(model):
+        """Frozen model + a zero vector added to the input of decoder layer ``layer_index``: backward stops there."""
+        _freeze(model)
+        probe = nn.Parameter(torch.zeros(model.config.hidden_size, device=model.device, dtype=model.dtype))
+
+        def add(mod, args, kwargs):
+            if args:
+                return (args[0] + probe, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + probe}
+
+        model.model.layers[layer_index].register_forward_pre_hook(add, with_kwargs=True)
+        return model, [probe]
+
+    return build
+
+
+def peft_all_experts(model):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=[],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    peft_model = get_peft_model(model, config)
+    return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+
+
+def ours(selection_of: Callable[[nn.Module], dict[int, list[int]]], mode: str = "lora"):
+    def build(model):
+        peft_model = get_expert_peft_model(model, selection_of(model), r=8, lora_alpha=16, train_router=True, mode=mode)
+        return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+
+    return build
+
+
+def every_layer(model) -> dict[int, list[int]]:
+    num_experts = model.config.num_experts
+    return {i: [i % num_experts] for i in range(model.config.num_hidden_layers)}
+
+
+def seuf_default(model) -> dict[int, list[int]]:
+    return {SEUF_LAYER: [0]}
+
+
+VARIANTS = [
+    Variant("full fine-tuning", "both", full_ft),
+    Variant("ceiling: frozen, input-side param", "every layer", ceiling_input),
+    Variant("PEFT target_parameters LoRA, all experts", "every layer", peft_all_experts),
+    Variant("ours: LoRA, 1 expert/layer + routers", "every layer", ours(every_layer)),
+    Variant(f"ceiling: frozen, param at layer {SEUF_LAYER} input", "SEUF default", ceiling_at_layer(SEUF_LAYER)),
+    Variant(f"ours: LoRA, 1 expert in layer {SEUF_LAYER} + router", "SEUF default", ours(seuf_default)),
+    Variant(f"ours: full expert, layer {SEUF_LAYER} + router", "SEUF default", ours(seuf_default, mode="full")),
+]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model, optimizer, batch) -> None:
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def footprint_step(model, optimizer, batch, params) -> int:
+    """One training step that also returns an estimate of its memory: params + grads + optimizer state + saved
+    activations (distinct storages that autograd saved for backward, parameters excluded)."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    grads = sum(p.grad.nbytes for p in params if p.grad is not None)
+    optimizer.step()
+    state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    optimizer.zero_grad(set_to_none=True)
+    weights = sum(p.nbytes for p in model.parameters())
+    return weights + grads + state + sum(saved.values())
+
+
+def run_variant(variant: Variant, size: str, device: torch.device, steps: int, warmup: int) -> dict:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model = build_model(size, device)
+    model, params = variant.build(model)
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    spec = SIZES[size]
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    batch = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=generator).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    estimate = footprint_step(model, optimizer, batch, params)
+    for _ in range(warmup):
+        train_step(model, optimizer, batch)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, batch)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    del model, optimizer, params
+    return {"tokens_per_s": spec["batch"] * spec["seq"] * steps / elapsed, "peak": peak, "estimate": estimate,
+            "trainable": trainable, "experts_impl": impl}
+
+
+CHECKS = [
+    # (label, numerator variant, denominator variant, kind, bound)
+    ("every layer: ours / all-depth ceiling", 3, 1, "speed", 0.95),
+    ("every layer: ours / PEFT all experts", 3, 2, "speed", 1.15),
+    ("every layer: ours peak memory / full FT", 3, 0, "memory", 0.70),
+    ("SEUF default: ours / depth-limited ceiling", 5, 4, "speed", 0.90),
+    ("SEUF default: ours peak memory / full FT", 5, 0, "memory", 0.70),
+]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant and repeat")
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+
+    import peft
+    import transformers
+
+    print(f"device: {device_name(device)}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+          f"python {sys.version.split()[0]}")
+    spec = SIZES[args.size]
+    probe = build_model(args.size, torch.device("meta"))
+    total = sum(p.numel() for p in probe.parameters())
+    print(f"model: qwen3_moe {spec['config']}, {total / 1e9:.3f}B params, {spec['dtype']}, "
+          f"batch {spec['batch']}x{spec['seq']} tokens; {args.steps} timed steps after {args.warmup} warm-up, "
+          f"{args.repeats} repeats")
+    del probe
+
+    results = [[run_variant(v, args.size, device, args.steps, args.warmup) for v in VARIANTS] for _ in range(args.repeats)]
+    print(f"experts implementation: {results[0][0]['experts_impl']}\n")
+
+    mem_key = "peak" if device.type == "cuda" else "estimate"
+    header = "| scenario | variant | trainable params | tokens/s per repeat | speed vs full FT | peak GiB | est. GiB | memory vs full FT |"
+    print(header)
+    print("|" + "---|" * 8)
+    for i, v in enumerate(VARIANTS):
+        rows = [rep[i] for rep in results]
+        tps = " / ".join(f"{r['tokens_per_s']:,.0f}" for r in rows)
+        speed = " / ".join(f"{r['tokens_per_s'] / rep[0]['tokens_per_s']:.2f}" for r, rep in zip(rows, results))
+        peak = " / ".join(f"{r['peak'] / 2**30:.2f}" for r in rows) if rows[0]["peak"] is not None else "n/a"
+        est = f"{statistics.mean(r['estimate'] for r in rows) / 2**30:.3f}"
+        mem = " / ".join(f"{r[mem_key] / rep[0][mem_key]:.2f}" for r, rep in zip(rows, results))
+        print(f"| {v.scenario} | {v.name} | {rows[0]['trainable']:,} | {tps} | {speed} | {peak} | {est} | {mem} |")
+
+    print(f"\nchecks (ratio per repeat; memory = {'CUDA peak' if mem_key == 'peak' else 'estimate'}):")
+    failed = False
+    for label, num, den, kind, bound in CHECKS:
+        key = "tokens_per_s" if kind == "speed" else mem_key
+        ratios = [rep[num][key] / rep[den][key] for rep in results]
+        ok = all(r >= bound for r in ratios) if kind == "speed" else all(r <= bound for r in ratios)
+        failed |= not ok
+        sign = ">=" if kind == "speed" else "<="
+        print(f"  {'PASS' if ok else 'FAIL'}  {label}: {', '.join(f'{r:.2f}' for r in ratios)} (target {sign} {bound})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

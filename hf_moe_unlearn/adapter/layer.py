@@ -1,0 +1,322 @@
+"""A PEFT LoRA layer for fused experts that adapts only the selected experts, at the cost of those experts.
+
+PEFT's own adapter for 3-D expert tensors (``ParamWrapper``) keeps a rank-r pair for *every* expert and adds the
+product for all of them to the weights on every forward, so memory and compute are those of all experts and the
+backward computes the gradient of the whole [E, out, in] tensor. Here the base experts run exactly as transformers
+runs them (tokens sorted by expert, one ``grouped_mm`` per projection, all experts), and the adaptation is added
+row-wise, only where it belongs:
+
+- LoRA mode: with S selected experts stacked, ``x @ A_cat^T`` ([tokens, S*r]) is masked per row by "which selected
+  expert (if any) this row was routed to" and multiplied by ``B_cat`` ([S*r, out]); the result is added to the
+  gate/up output *before* the activation (and to the down output), which is exactly ``x @ (W_e + s B_e A_e)^T``.
+  Cost O(tokens * S * r * (in + out)); the only weight gradients are those of A and B.
+- Full mode: the effective weight ``W.index_add(0, selected, delta)`` is passed to the same ``grouped_mm``; the
+  trainable ``delta`` holds only the S selected experts.
+
+Everything stays on the device: no ``nonzero``, boolean indexing or ``.item()`` (a host sync each), no Python loop
+over experts. The row mask is a comparison against a small lookup table (``one_hot`` is avoided: on CPU it calls
+``.item()`` to check its input).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import nn
+
+from ..errors import MoEUnlearnError
+
+try:  # transformers' dispatcher picks torch's grouped_mm or its own fallback exactly as the stock experts do
+    from transformers.integrations.moe import _grouped_mm as _hf_grouped_mm
+except ImportError:  # pragma: no cover - older/newer transformers without the private helper
+    _hf_grouped_mm = None
+
+
+def _grouped_mm(inp: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``inp`` rows (sorted by group) times ``weight[group]`` ([G, in, out]); groups delimited by ``offsets``."""
+    if _hf_grouped_mm is not None:
+        return _hf_grouped_mm(inp, weight, offsets)
+    grouped = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    return grouped(inp.to(weight.dtype), weight, offs=offsets)
+
+
+def _grouped_linear(inp: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Per-expert linear map of sorted rows; ``weight`` is [E, out, in] (or [E, in, out] when ``transposed``)."""
+    return _grouped_mm(inp, weight if transposed else weight.transpose(-2, -1), offsets)
+
+
+def _expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Cumulative row counts per expert, as transformers computes them (``histc``: no sync, CUDA-graph safe)."""
+    on_cpu = sorted_ids.device.type in ("cpu", "mps")  # histc takes floats on CPU/MPS, ints on CUDA
+    counts = torch.histc(sorted_ids.float() if on_cpu else sorted_ids.int(), bins=num_experts, min=0, max=num_experts - 1)
+    return torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+
+def _routing_args(base: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k indices, top-k weights) from an experts call, whatever the family names them.
+
+    Families call ``experts(hidden, indices, weights)`` positionally or by keyword (``router_indices``,
+    ``routing_weights``, ...); the indices are the integer tensor, the weights the floating one.
+    """
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    index = [t for t in tensors if not t.is_floating_point()]
+    weights = [t for t in tensors if t.is_floating_point()]
+    if len(index) != 1 or len(weights) != 1:
+        raise MoEUnlearnError(
+            f"{type(base).__name__} was called with an unexpected signature (expected hidden states, top-k indices "
+            "and top-k weights); expert-selective training does not support this family yet."
+        )
+    return index[0], weights[0]
+
+
+class SelectedExpertsLayer(nn.Module, LoraLayer):
+    """PEFT tuner layer around a fused experts module that trains only ``expert_ids`` (LoRA or full deltas).
+
+    Parameters (per adapter, in ``nn.ParameterDict`` s keyed by the expert tensor's name, S = len(expert_ids)):
+        ``lora_A[adapter][w]``: [S, r, in]; ``lora_B[adapter][w]``: [S, r, out] (LoRA mode): expert s's pair is
+        ``A_s = lora_A[s]`` and ``B_s = lora_B[s].T``, as PEFT's ``ParamWrapper`` keeps them for all E experts. B is
+        stored transposed so that ``B_cat`` ([S*r, out]) is a view, not a copy made on every forward.
+        ``lora_delta[adapter][w]``: [S, *w.shape[1:]], and ``[w + "_bias"]``: [S, out] when the experts have
+        biases (full mode).
+    """
+
+    adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_delta",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        *,
+        expert_ids: Sequence[int],
+        mode: str = "lora",
+        r: int = 8,
+        lora_alpha: float = 16,
+        config: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # older peft warns "Unsupported layer type" for any non-Linear base layer
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            LoraLayer.__init__(self, base_layer)
+        config = config if config is not None else kwargs.get("lora_config")
+        base = self.get_base_layer()
+        self.lora_delta = nn.ModuleDict({})
+        self.expert_mode = mode
+        self.weight_names = [n for n, p in base.named_parameters(recurse=False) if p.dim() == 3]
+        self.bias_names = [f"{w}_bias" for w in self.weight_names if isinstance(getattr(base, f"{w}_bias", None), nn.Parameter)]
+        self.num_experts = getattr(base, self.weight_names[0]).shape[0]
+        self.is_transposed = bool(getattr(base, "is_transposed", False))
+        ids = sorted({int(e) for e in expert_ids})
+        device = getattr(base, self.weight_names[0]).device
+        slot = torch.full((self.num_experts,), len(ids), dtype=torch.long)
+        slot[ids] = torch.arange(len(ids))
+        # Non-persistent: derived from the selection, never part of a checkpoint.
+        self.register_buffer("selected_ids", torch.tensor(ids, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("expert_slot", slot.to(device), persistent=False)
+        self.register_buffer("slot_range", torch.arange(len(ids), device=device), persistent=False)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    # ------------------------------------------------------------------------------------------- construction
+    def _get_in_out_features(self, module: nn.Module) -> tuple[None, None]:
+        return None, None  # several tensors of different shapes; see _in_out
+
+    def _in_out(self, name: str) -> tuple[int, int]:
+        shape = getattr(self.get_base_layer(), name).shape
+        return (shape[1], shape[2]) if self.is_transposed else (shape[2], shape[1])
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: Any, **kwargs: Any) -> None:
+        if adapter_name in self.r:
+            raise MoEUnlearnError("An expert-selective layer holds a single adapter; create a new model for another.")
+        if config is not None and (config.lora_dropout or config.use_dora or config.lora_bias):
+            raise MoEUnlearnError("Expert LoRA supports neither dropout, DoRA nor lora_bias (PEFT's format cannot save them).")
+        use_rslora = bool(getattr(config, "use_rslora", False))
+        init = getattr(config, "init_lora_weights", True)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = use_rslora
+        self.use_dora[adapter_name] = False
+        self.lora_bias[adapter_name] = False
+        self.lora_dropout[adapter_name] = nn.Identity()
+        base = self.get_base_layer()
+        num_selected = len(self.selected_ids)
+        if self.expert_mode == "lora":
+            a_params, b_params = {}, {}
+            for name in self.weight_names:
+                weight = getattr(base, name)
+                d_in, d_out = self._in_out(name)
+                a_params[name] = nn.Parameter(torch.empty(num_selected, r, d_in, dtype=weight.dtype, device=weight.device))
+                b_params[name] = nn.Parameter(torch.zeros(num_selected, r, d_out, dtype=weight.dtype, device=weight.device))
+            self.lora_A[adapter_name] = nn.ParameterDict(a_params)
+            self.lora_B[adapter_name] = nn.ParameterDict(b_params)
+            self._init_lora(adapter_name, init)
+        else:
+            deltas = {}
+            for name in self.weight_names + self.bias_names:
+                param = getattr(base, name)
+                deltas[name] = nn.Parameter(torch.zeros(num_selected, *param.shape[1:], dtype=param.dtype, device=param.device))
+            self.lora_delta[adapter_name] = nn.ParameterDict(deltas)
+        self.set_adapter(self.active_adapters, inference_mode=bool(getattr(config, "inference_mode", False)))
+
+    @torch.no_grad()
+    def _init_lora(self, adapter_name: str, init: Any) -> None:
+        """PEFT's LoRA initialisation, per selected expert: A like ``nn.Linear`` (or Gaussian), B zero.
+
+        ``init_lora_weights=False`` draws B at random too (a non-identity adapter, as PEFT does for testing).
+        """
+        if self.lora_A[adapter_name][self.weight_names[0]].device.type == "meta":
+            return
+        for name in self.weight_names:
+            a, b = self.lora_A[adapter_name][name], self.lora_B[adapter_name][name]
+            for s in range(a.shape[0]):  # a handful of selected experts, at construction only
+                if init == "gaussian":
+                    nn.init.normal_(a[s], std=1 / self.r[adapter_name])
+                else:
+                    nn.init.kaiming_uniform_(a[s], a=math.sqrt(5))
+                if init is False:
+                    nn.init.kaiming_uniform_(b[s].t(), a=math.sqrt(5))  # B_s = b[s].T, shaped like PEFT's
+
+    # ------------------------------------------------------------------------------------------- deltas / merging
+    def _adapter(self) -> Optional[str]:
+        """The active adapter of this layer (at most one), or None when disabled / merged / absent."""
+        if self.disable_adapters or self.merged:
+            return None
+        active = [a for a in self.active_adapters if a in self.r]
+        return active[0] if active else None
+
+    def get_delta_weight(self, adapter_name: str, name: str) -> torch.Tensor:
+        """The change of the selected experts' slices of tensor ``name``: [S, *base.<name>.shape[1:]], base layout."""
+        if self.expert_mode == "full":
+            return self.lora_delta[adapter_name][name]
+        a, b = self.lora_A[adapter_name][name], self.lora_B[adapter_name][name]
+        delta = torch.bmm(b.transpose(-2, -1), a) * self.scaling[adapter_name]  # [S, out, in]
+        return delta.transpose(-2, -1) if self.is_transposed else delta
+
+    def _delta_names(self) -> list[str]:
+        return self.weight_names + (self.bias_names if self.expert_mode == "full" else [])
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter not in self.r:
+                continue
+            base = self.get_base_layer()
+            for name in self._delta_names():
+                param = getattr(base, name)
+                delta = self.get_delta_weight(adapter, name).detach().to(param.dtype)
+                merged = param.data.index_add(0, self.selected_ids, delta)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise MoEUnlearnError(f"NaNs/infs in the merged {name}: the adapter {adapter} seems broken.")
+                param.data = merged
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            for name in self._delta_names():
+                param = getattr(base, name)
+                param.data.index_add_(0, self.selected_ids, -self.get_delta_weight(adapter, name).detach().to(param.dtype))
+
+    # ------------------------------------------------------------------------------------------- forward
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        adapter = self._adapter()
+        if adapter is None:
+            return base(hidden_states, *args, **kwargs)
+        top_k_index, top_k_weights = _routing_args(base, args, kwargs)
+        return self._selected_forward(adapter, hidden_states, top_k_index, top_k_weights)
+
+    def _add_lora(
+        self, adapter: str, name: str, base_out: torch.Tensor, inp: torch.Tensor, slot_mask: torch.Tensor,
+        rows: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """``base_out`` plus the LoRA output of tensor ``name`` on the rows of selected experts (zero elsewhere).
+
+        ``inp`` are token-level inputs gathered by ``rows`` (the rank-r product is then taken once per token, not
+        once per (token, expert) pair) or, when ``rows`` is None, already the sorted rows. The up-projection by B and
+        the addition are one ``addmm`` (no [rows, out] temporary, one pass over the output).
+        """
+        a = self.lora_A[adapter][name]
+        b = self.lora_B[adapter][name]
+        num_selected, rank, d_in = a.shape
+        low = inp @ a.to(inp.dtype).reshape(num_selected * rank, d_in).t()  # [T, S*r]
+        if rows is not None:
+            low = low[rows]
+        low = (low.view(-1, num_selected, rank) * slot_mask.unsqueeze(-1)).view(-1, num_selected * rank)
+        b_cat = b.to(base_out.dtype).reshape(num_selected * rank, -1)  # row s*r+j = column j of B_s
+        return torch.addmm(base_out, low.to(base_out.dtype), b_cat, alpha=self.scaling[adapter])
+
+    def _effective(self, adapter: str, name: str) -> torch.Tensor:
+        """Base tensor ``name`` with the full-mode deltas of the selected experts added (a new tensor)."""
+        param = getattr(self.get_base_layer(), name)
+        if self.expert_mode != "full":
+            return param
+        return param.index_add(0, self.selected_ids, self.lora_delta[adapter][name].to(param.dtype))
+
+    def _selected_forward(
+        self, adapter: str, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """transformers' ``grouped_mm`` experts forward, plus the selected experts' adaptation (see module doc)."""
+        base = self.get_base_layer()
+        num_tokens, top_k = top_k_index.shape[0], top_k_index.shape[-1]
+        up_name, down_name = self.weight_names
+        lora = self.expert_mode == "lora"
+
+        expert_ids = top_k_index.reshape(-1)
+        sorted_ids, perm = torch.sort(expert_ids)
+        token_of_row = perm // top_k
+        rows_in = hidden_states[token_of_row]
+        offsets = _expert_offsets(sorted_ids, self.num_experts)
+        slot_mask = self.expert_slot[sorted_ids].unsqueeze(-1) == self.slot_range  # [Nk, S] bool
+
+        up = _grouped_linear(rows_in, self._effective(adapter, up_name), offsets, self.is_transposed)
+        if f"{up_name}_bias" in self.bias_names:
+            up = up + self._effective(adapter, f"{up_name}_bias")[sorted_ids]
+        if lora:
+            up = self._add_lora(adapter, up_name, up, hidden_states, slot_mask, token_of_row)
+        act = base._apply_gate(up) if getattr(base, "has_gate", True) else base.act_fn(up)
+
+        out = _grouped_linear(act, self._effective(adapter, down_name), offsets, self.is_transposed)
+        if f"{down_name}_bias" in self.bias_names:
+            out = out + self._effective(adapter, f"{down_name}_bias")[sorted_ids]
+        if lora:
+            out = self._add_lora(adapter, down_name, out, act, slot_mask, None)
+        if getattr(base, "has_post_expert_norm", False):
+            out = base.post_expert_norm(out)
+
+        out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(out.dtype)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        out = out[inverse]
+        return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def __repr__(self) -> str:
+        ids = self.selected_ids.tolist()
+        return f"hf_moe_unlearn.SelectedExpertsLayer(mode={self.expert_mode}, experts={ids}, base={type(self.get_base_layer()).__name__})"
+
+
+def selected_experts_factory(expert_ids_by_module: dict[str, list[int]], mode: str):
+    """What ``LoraConfig._register_custom_module`` maps an experts class to: builds our layer for each target.
+
+    PEFT calls ``factory(target, adapter_name, config=..., target_name=<module path>, r=..., lora_alpha=...)``; the
+    module path says which experts of that layer are selected.
+    """
+
+    def build(target: nn.Module, adapter_name: str, **kwargs: Any) -> SelectedExpertsLayer:
+        name = kwargs.pop("target_name", None) or kwargs.get("current_key")
+        if name not in expert_ids_by_module:
+            raise MoEUnlearnError(f"Internal error: PEFT targeted {name}, which is not a selected experts module.")
+        allowed = set(inspect.signature(SelectedExpertsLayer.__init__).parameters) - {"self", "kwargs"}
+        chosen = {k: v for k, v in kwargs.items() if k in allowed or k == "lora_config"}
+        return SelectedExpertsLayer(target, adapter_name, expert_ids=expert_ids_by_module[name], mode=mode, **chosen)
+
+    return build

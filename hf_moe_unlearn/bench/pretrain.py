@@ -1,0 +1,461 @@
+"""Pre-train the benchmark's two models: the *target* (all data) and the *retrain* reference (no forget set).
+
+The retrained model is the ideal outcome of unlearning, the reference no public MoE benchmark has. Both
+are small Qwen3-MoE models trained from scratch with a plain ``transformers.Trainer`` on the generated
+passages and on the QA pairs written as ``"Question: ...\\nAnswer: ..."`` (the format the metrics ask in).
+MCQs are *not* trained on: they are scored by the log-likelihood of each choice after the same question
+prompt, and since every QA answer starts with the value, that scoring asks exactly what the QA text
+taught; training MCQ text would only teach a letter-picking format the metrics do not use.
+
+Training takes minutes, so results are cached on disk under ``output_dir/<key>/{target,retrain,tokenizer}``
+where ``key`` hashes everything that determines the result (benchmark spec, model config, training
+settings, library versions); a later call with the same inputs loads instead of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen3MoeConfig,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from ..errors import MoEUnlearnError
+from .synthetic import BenchmarkSpec, SyntheticBenchmark, format_qa, format_qa_prompt, make_benchmark
+from .tokenizer import build_benchmark_tokenizer, load_tokenizer, save_tokenizer
+
+# Bump when the generator or the training recipe changes in a way the hashed inputs do not show, so that
+# stale caches are not reused.
+CACHE_VERSION = 1
+_INFO_FILE = "pretrain_info.json"
+_MODEL_NAMES = ("target", "retrain")
+
+#: Architecture defaults: a handful of layers, 8 experts, top-2, small hidden size. Sized so that both models
+#: memorise the "small" benchmark in about a minute each on 2 CPU cores.
+DEFAULT_MODEL_KWARGS: dict[str, Any] = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=256,  # unused (every layer is MoE) but kept small
+    moe_intermediate_size=128,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    max_position_embeddings=256,
+    # The load-balancing loss is on only while pre-training (see _train_one): without it a MoE trained from
+    # scratch tends to collapse on a few experts, and expert attribution would be meaningless.
+    router_aux_loss_coef=0.01,
+    tie_word_embeddings=False,
+)
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Training hyper-parameters shared by the target and the retrain model.
+
+    Both models train for the same number of *epochs* over their own data, so each retain example is seen
+    equally often by both and only the forget set differs.
+
+    Attributes:
+        epochs: passes over the training texts.
+        max_steps: if positive, stop after this many optimiser steps instead (tests use a handful).
+        learning_rate, weight_decay, warmup_ratio, lr_scheduler_type: AdamW and its schedule.
+        batch_size: sequences per step.
+        max_length: tokens per sequence (passages are ~60 tokens; longer ones are truncated).
+        seed: seeds the model initialisation and the data order.
+    """
+
+    epochs: float = 60.0
+    max_steps: int = -1
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    lr_scheduler_type: str = "cosine"
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 0
+
+    @classmethod
+    def preset(cls, size: str, **overrides: Any) -> PretrainSettings:
+        """Settings for a benchmark size (``"micro"``, ``"small"``, ``"full"``), with any field overridden."""
+        presets: dict[str, dict[str, Any]] = {
+            "micro": dict(max_steps=4, batch_size=8),
+            "small": dict(epochs=60.0),
+            "full": dict(epochs=40.0),
+        }
+        if size not in presets:
+            raise MoEUnlearnError(f"Unknown pre-training size {size!r}; choose one of {sorted(presets)}.")
+        return cls(**{**presets[size], **overrides})
+
+
+@dataclass
+class PretrainedPair:
+    """The pre-trained target and retrain models, their tokenizer, and where they live on disk.
+
+    Attributes:
+        directory: ``output_dir/<key>``, holding ``target/``, ``retrain/``, ``tokenizer/`` and the info file.
+        key: the cache key (hash of everything that determines the models).
+        target: trained on everything, forget set included.
+        retrain: trained on everything except the forget set: the reference unlearning should reach.
+        tokenizer: the benchmark's word-level tokenizer.
+        reused: True when the models were loaded from the cache instead of trained.
+        info: what was recorded at training time (settings, config, final losses, seconds per model).
+    """
+
+    directory: Path
+    key: str
+    target: PreTrainedModel
+    retrain: PreTrainedModel
+    tokenizer: PreTrainedTokenizerFast
+    reused: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_path(self) -> Path:
+        return self.directory / "target"
+
+    @property
+    def retrain_path(self) -> Path:
+        return self.directory / "retrain"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.directory / "tokenizer"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration and cache key
+# ----------------------------------------------------------------------------------------------------------
+
+
+def default_model_config(tokenizer: PreTrainedTokenizerFast, **overrides: Any) -> Qwen3MoeConfig:
+    """The default Qwen3-MoE config for ``tokenizer``'s vocabulary, with any field overridden."""
+    kwargs = {**DEFAULT_MODEL_KWARGS, **overrides}
+    return Qwen3MoeConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
+
+
+def _resolve_config(model_config: transformers.PretrainedConfig | dict[str, Any] | None,
+                    tokenizer: PreTrainedTokenizerFast) -> transformers.PretrainedConfig:
+    """A config object from None (defaults), a dict (overrides of the defaults) or a ready config."""
+    if model_config is None:
+        return default_model_config(tokenizer)
+    if isinstance(model_config, dict):
+        return default_model_config(tokenizer, **model_config)
+    if model_config.vocab_size < len(tokenizer):
+        raise MoEUnlearnError(
+            f"model_config.vocab_size={model_config.vocab_size} is smaller than the benchmark tokenizer "
+            f"({len(tokenizer)} tokens); set it to len(tokenizer) or pass a dict of overrides instead.")
+    return model_config
+
+
+def cache_key(spec: BenchmarkSpec, config: transformers.PretrainedConfig, settings: PretrainSettings) -> str:
+    """A short hash of everything that determines the pre-trained models.
+
+    Library versions are part of it: a new transformers or torch may initialise or train differently.
+    """
+    payload = {
+        "cache_version": CACHE_VERSION,
+        "spec": spec.to_dict(),
+        "model_config": json.loads(config.to_json_string(use_diff=False)),
+        "settings": asdict(settings),
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]},
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def training_texts(benchmark: SyntheticBenchmark, *, include_forget: bool) -> list[str]:
+    """Passages and QA texts a model trains on: everything for the target, no forget data for the retrain."""
+    splits = ("forget", "retain") if include_forget else ("retain",)
+    texts: list[str] = []
+    for split in splits:
+        texts += getattr(benchmark, f"{split}_text")["text"]
+        texts += [format_qa(q, a) for q, a in zip(getattr(benchmark, f"{split}_qa")["question"],
+                                                   getattr(benchmark, f"{split}_qa")["answer"])]
+    return texts
+
+
+def _tokenize(texts: list[str], tokenizer: PreTrainedTokenizerFast, max_length: int) -> Dataset:
+    """``<bos> text <eos>`` token ids, truncated to ``max_length`` (the collator pads and builds labels)."""
+    eos = tokenizer.eos_token_id
+    ids = [row[: max_length - 1] + [eos] for row in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    return Dataset.from_dict({"input_ids": ids})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _training_arguments(settings: PretrainSettings, output_dir: Path, device: str | None) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_ratio,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        use_cpu=device == "cpu",
+        save_strategy="no",
+        logging_steps=0.05,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+    )
+
+
+def _train_one(texts: list[str], tokenizer: PreTrainedTokenizerFast, config: transformers.PretrainedConfig,
+               settings: PretrainSettings, save_dir: Path, device: str | None) -> dict[str, Any]:
+    """Train one model from scratch with ``Trainer`` and save it; return its training record."""
+    set_seed(settings.seed)  # the initial weights: same seed, same start for target and retrain
+    train_config = copy.deepcopy(config)
+    train_config.output_router_logits = True
+    model = AutoModelForCausalLM.from_config(train_config)
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(settings, save_dir.parent / f"{save_dir.name}-trainer", device),
+        train_dataset=_tokenize(texts, tokenizer, settings.max_length),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    # Saved without the router loss: unlearning code must not get the aux loss folded into outputs.loss.
+    model.config.output_router_logits = False
+    model.save_pretrained(str(save_dir))
+    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"seconds": round(seconds, 2), "steps": result.global_step, "examples": len(texts),
+            "train_loss": round(result.training_loss, 4), "last_logged_loss": losses[-1] if losses else None}
+
+
+def pretrain_models(
+    benchmark: SyntheticBenchmark,
+    output_dir: str | Path,
+    *,
+    model_config: transformers.PretrainedConfig | dict[str, Any] | None = None,
+    settings: PretrainSettings | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    force: bool = False,
+) -> PretrainedPair:
+    """Pre-train (or load from the cache) the target and retrain models of ``benchmark``.
+
+    Args:
+        benchmark: from :func:`~hf_moe_unlearn.bench.synthetic.make_benchmark`.
+        output_dir: cache root; the models go to ``output_dir/<key>/``.
+        model_config: None for the default Qwen3-MoE (:data:`DEFAULT_MODEL_KWARGS`), a dict overriding some of
+            its fields, or a complete ``PretrainedConfig`` of any causal-LM MoE family.
+        settings: training hyper-parameters; default :class:`PretrainSettings`.
+        seed: overrides ``settings.seed``.
+        device: ``"cpu"`` forces the CPU; None lets the Trainer pick (a GPU when there is one). The loaded
+            models are moved there.
+        force: retrain even when a cached result exists (and replace it).
+
+    The thread count of torch is left as the caller set it.
+    """
+    settings = settings or PretrainSettings()
+    if seed is not None:
+        settings = replace(settings, seed=seed)
+    tokenizer = build_benchmark_tokenizer(benchmark)
+    config = _resolve_config(model_config, tokenizer)
+    key = cache_key(benchmark.spec, config, settings)
+    final = Path(output_dir) / key
+    reused = (final / _INFO_FILE).is_file() and not force
+    if not reused:
+        _train_pair(benchmark, tokenizer, config, settings, final, device)
+    return load_pretrained_pair(final, device=device, reused=reused)
+
+
+def _train_pair(benchmark: SyntheticBenchmark, tokenizer: PreTrainedTokenizerFast,
+                config: transformers.PretrainedConfig, settings: PretrainSettings, final: Path,
+                device: str | None) -> None:
+    """Train both models into a scratch directory, then move it into place.
+
+    The move is the last step, so an interrupted run never leaves a directory that looks like a valid cache.
+    """
+    scratch = final.parent / f"{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    save_tokenizer(tokenizer, scratch / "tokenizer")
+    records = {}
+    for name in _MODEL_NAMES:
+        texts = training_texts(benchmark, include_forget=(name == "target"))
+        records[name] = _train_one(texts, tokenizer, config, settings, scratch / name, device)
+    info = {"key": final.name, "spec": benchmark.spec.to_dict(), "settings": asdict(settings),
+            "models": records, "transformers": transformers.__version__, "torch": torch.__version__,
+            "datasets": datasets.__version__}
+    (scratch / _INFO_FILE).write_text(json.dumps(info, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(scratch, final)
+
+
+def load_pretrained_pair(directory: str | Path, *, device: str | None = None, reused: bool = True) -> PretrainedPair:
+    """Load a pair written by :func:`pretrain_models` from ``directory`` (``output_dir/<key>``)."""
+    directory = Path(directory)
+    if not (directory / _INFO_FILE).is_file():
+        raise MoEUnlearnError(f"{directory} holds no pre-trained pair (no {_INFO_FILE}); run pretrain_models first.")
+    info = json.loads((directory / _INFO_FILE).read_text())
+    models = {}
+    for name in _MODEL_NAMES:
+        model = AutoModelForCausalLM.from_pretrained(str(directory / name), local_files_only=True)
+        models[name] = model.to(device or _default_device()).eval()
+    return PretrainedPair(directory=directory, key=directory.name, target=models["target"],
+                          retrain=models["retrain"], tokenizer=load_tokenizer(directory / "tokenizer"),
+                          reused=reused, info=info)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quality check: is the benchmark informative?
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _choice_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, mcq: Dataset) -> float:
+    """Share of questions whose true choice has the highest summed log-probability after the question prompt.
+
+    Minimal on purpose (the evaluation package has the full metric); here it only checks the pre-training.
+    """
+    device = next(model.parameters()).device
+    correct = 0
+    for row in mcq:
+        prompt_len = len(tokenizer(format_qa_prompt(row["question"]))["input_ids"])
+        enc = tokenizer([f"{format_qa_prompt(row['question'])} {c}" for c in row["choices"]],
+                        padding=True, return_tensors="pt").to(device)
+        logprobs = torch.log_softmax(model(**enc).logits[:, :-1].float(), dim=-1)
+        targets = enc["input_ids"][:, 1:]
+        token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        mask = enc["attention_mask"][:, 1:].clone()
+        mask[:, : prompt_len - 1] = 0  # score only the choice's tokens
+        scores = (token_lp * mask).sum(-1)
+        correct += int(scores.argmax().item() == row["answer"])
+    return correct / len(mcq)
+
+
+@torch.no_grad()
+def _expert_counts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: list[str],
+                   batch_size: int = 16) -> torch.Tensor:
+    """[layers, experts] how many top-k picks of non-padding tokens each expert got, via router hooks."""
+    layers = model.model.layers
+    n_experts = model.config.num_experts
+    counts = torch.zeros(len(layers), n_experts, dtype=torch.long)
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def hook_for(i: int):
+        def hook(_module, _inputs, output):
+            # Take the indices as the integer tensor of the output, not by position (families differ).
+            indices = next(t for t in output if not torch.is_floating_point(t))
+            keep = mask_holder["mask"].reshape(-1).bool()
+            counts[i] += torch.bincount(indices[keep].reshape(-1).cpu(), minlength=n_experts)
+        return hook
+
+    handles = [layer.mlp.gate.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start: start + batch_size], padding=True, return_tensors="pt").to(device)
+            mask_holder["mask"] = enc["attention_mask"]
+            model(**enc)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def _concentration(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, forget_texts: list[str],
+                   retain_texts: list[str]) -> dict[str, Any]:
+    """Per layer: the share of forget-token picks taken by the forget set's top-k experts, vs. uniform.
+
+    The same experts' share of retain-token picks is reported next to it: forget data concentrating on
+    experts that retain data uses less is what expert-selective unlearning relies on.
+    """
+    k = model.config.num_experts_per_tok
+    forget, retain = (_expert_counts(model, tokenizer, t).float() for t in (forget_texts, retain_texts))
+    per_layer = []
+    for f, r in zip(forget, retain):
+        top = f.topk(k).indices
+        per_layer.append({"experts": top.tolist(), "forget_share": round((f[top].sum() / f.sum()).item(), 4),
+                          "retain_share": round((r[top].sum() / r.sum()).item(), 4)})
+    return {"uniform": k / model.config.num_experts, "layers": per_layer,
+            "mean_forget_share": round(sum(p["forget_share"] for p in per_layer) / len(per_layer), 4),
+            "mean_retain_share": round(sum(p["retain_share"] for p in per_layer) / len(per_layer), 4)}
+
+
+def measure_pretrain_quality(pair: PretrainedPair, benchmark: SyntheticBenchmark) -> dict[str, Any]:
+    """MCQ accuracy of both models on forget and retain questions, and the target's forget concentration.
+
+    An informative benchmark has the target far above chance (0.25) on forget questions and the retrain
+    model near chance, both high on retain questions.
+    """
+    accuracy = {name: {split: round(_choice_accuracy(model, pair.tokenizer, getattr(benchmark, f"{split}_mcq")), 4)
+                       for split in ("forget", "retain")}
+                for name, model in (("target", pair.target), ("retrain", pair.retrain))}
+    concentration = _concentration(pair.target, pair.tokenizer, benchmark.forget_text["text"],
+                                   benchmark.retain_text["text"])
+    return {"mcq_accuracy": accuracy, "chance": 0.25, "forget_concentration": concentration}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m hf_moe_unlearn.bench.pretrain --size small``: pre-train (or load) and print the quality figures."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--size", default="small", choices=["micro", "small", "full"])
+    parser.add_argument("--forget", default="domain", choices=["domain", "entities"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="runs/bench-pretrain")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    benchmark = make_benchmark(BenchmarkSpec.preset(args.size, seed=args.seed, forget=args.forget))
+    start = time.perf_counter()
+    pair = pretrain_models(benchmark, args.output_dir, settings=PretrainSettings.preset(args.size),
+                           seed=args.seed, device=args.device, force=args.force)
+    report = {"key": pair.key, "reused": pair.reused, "wall_seconds": round(time.perf_counter() - start, 1),
+              "torch_threads": torch.get_num_threads(), "training": pair.info["models"],
+              **measure_pretrain_quality(pair, benchmark)}
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["PretrainSettings", "PretrainedPair", "DEFAULT_MODEL_KWARGS", "default_model_config", "cache_key",
+           "training_texts", "pretrain_models", "load_pretrained_pair", "measure_pretrain_quality", "CACHE_VERSION"]

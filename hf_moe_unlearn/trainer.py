@@ -1,0 +1,388 @@
+"""``MoEUnlearnTrainer``: unlearn a forget set while keeping a retain set, on MoE models, with losses chosen by name.
+
+A drop-in ``transformers.Trainer``: user code calls ``trainer.train()``; ``accelerate launch``, gradient
+accumulation, mixed precision, checkpointing and resuming are the Trainer's own. What this class adds:
+
+1. at start, an expert selection (given, loaded, or computed by SEUF/TRACE attribution on the datasets) and
+   a PEFT model that trains only those experts (and their routers);
+2. forget and retain examples drawn in pairs (the epoch is the forget set);
+3. ``compute_loss``: forget forward, retain forward, then the registered losses, with router hooks
+   providing SEUF's live router logits and TRACE's per-token routing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import Trainer
+
+from .config import MoEUnlearnConfig
+from .data.text import PaddingCollator, counted_mask, tokenize_dataset
+from .errors import MoEUnlearnError
+from .losses import LossContext, get_loss
+from .losses.builtin import trace_retain_shares
+from .losses.functional import routing_share
+from .moe.layers import find_moe_layers, unwrap_model
+from .routing import ExpertSelection, RouterRecorder, attribute_experts, select_seuf, select_trace, trace_scores
+
+RETAIN_PREFIX = "retain_"
+
+
+class PairedForgetRetainDataset(Dataset):
+    """Each forget example with a retain example drawn at random (fixed by the seed, so every process and a
+    resumed run see the same pairs). The epoch is the forget set, as in the field's reference code."""
+
+    def __init__(self, forget, retain=None, seed: int = 0) -> None:
+        self.forget = forget
+        self.retain = retain
+        if retain is not None:
+            generator = torch.Generator().manual_seed(seed)
+            self.pairing = torch.randint(len(retain), (len(forget),), generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        row = dict(self.forget[index])
+        if self.retain is not None:
+            row.update({f"{RETAIN_PREFIX}{k}": v for k, v in self.retain[self.pairing[index]].items()})
+        return row
+
+
+def _split(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    forget = {k: v for k, v in inputs.items() if not k.startswith(RETAIN_PREFIX)}
+    retain = {k[len(RETAIN_PREFIX):]: v for k, v in inputs.items() if k.startswith(RETAIN_PREFIX)}
+    return forget, (retain or None)
+
+
+class MoEUnlearnTrainer(Trainer):
+    """Unlearning trainer for Mixture-of-Experts language models.
+
+    Args:
+        model: a transformers MoE causal LM (or an already wrapped expert PEFT model).
+        args: :class:`MoEUnlearnConfig`.
+        forget_dataset, retain_dataset: ``datasets.Dataset`` (``text`` column or prompt/answer columns; an
+            ``idk`` column for the ``idk`` loss) or lists of texts.
+        processing_class: the tokenizer.
+        selection: an :class:`ExpertSelection`, a ``{layer: [experts]}`` mapping or a path; default: from
+            ``args.selection`` or computed with ``args.selection_method``.
+        peft_config: unused unless you built the adapter config yourself with ``expert_lora_config``; then it
+            must describe the same selection.
+    """
+
+    # compute_loss returns a per-batch mean: let the Trainer divide by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: MoEUnlearnConfig | None = None,
+        forget_dataset=None,
+        retain_dataset=None,
+        processing_class=None,
+        selection: ExpertSelection | dict | str | None = None,
+        peft_config=None,
+        **kwargs: Any,
+    ) -> None:
+        args = args if args is not None else MoEUnlearnConfig(output_dir="moe-unlearn-output")
+        if not isinstance(args, MoEUnlearnConfig):
+            raise MoEUnlearnError("args must be a MoEUnlearnConfig (a TrainingArguments subclass).")
+        find_moe_layers(model)  # a dense model fails here, before anything else
+        self._resolve_losses(args, retain_dataset)
+        if processing_class is not None and processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        forget = tokenize_dataset(forget_dataset, processing_class, args.max_length, name="forget set")
+        retain = (
+            tokenize_dataset(retain_dataset, processing_class, args.max_length, name="retain set")
+            if retain_dataset is not None
+            else None
+        )
+        if "idk" in self.loss_requirements and "idk_input_ids" not in forget.column_names:
+            raise MoEUnlearnError(
+                f"forget loss '{args.forget_loss}' needs 'I don't know' answers: give the forget set prompt/answer "
+                f"columns and an 'idk' column."
+            )
+        base = unwrap_model(model)
+        if hasattr(model, "expert_selection"):  # already an ExpertPeftModel
+            self.selection = model.expert_selection
+        else:
+            self.selection = self._resolve_selection(base, args, selection, forget, retain, processing_class)
+            self.selection.validate(base)
+            from .adapter import get_expert_peft_model
+
+            model = get_expert_peft_model(
+                base, self.selection, r=args.lora_r, lora_alpha=args.lora_alpha, train_router=args.train_router,
+                mode=args.adapter,
+            )
+        self.critical_ratios = self._critical_ratios(base, args, forget, retain, processing_class)
+        self.moe_layers = {layer.index: layer for layer in find_moe_layers(model)}
+        if hasattr(model, "card_info"):
+            model.card_info.update(method=self._method_name(args), losses=self._loss_names(args))
+        collator = PaddingCollator(processing_class.pad_token_id if processing_class is not None else 0)
+        train_dataset = PairedForgetRetainDataset(forget, retain, seed=args.seed)
+        super().__init__(
+            model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+            processing_class=processing_class, **kwargs,
+        )
+        self.recorder = RouterRecorder(self.model, layers=self.selection.layers, accumulate=False, keep_current=True)
+        self.recorder.attach()
+        self._rmu_layer = args.rmu_layer if args.rmu_layer is not None else min(self.selection.layers)
+        self._captured_hidden: dict[str, torch.Tensor] = {}
+        self._hidden_handle = None
+        if args.forget_loss == "rmu" or args.retain_loss == "rmu_retain":
+            block = self.moe_layers[self._rmu_layer].block
+            self._hidden_handle = block.register_forward_hook(self._capture_hidden)
+        self._hidden_split = "forget"
+        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def _resolve_losses(self, args: MoEUnlearnConfig, retain_dataset) -> None:
+        """Look every configured loss up in the registry now, so a typo fails before any work."""
+        self.forget_loss_fn = get_loss(args.forget_loss, kind="forget")
+        self.retain_loss_fn = None if args.retain_loss == "none" else get_loss(args.retain_loss, kind="retain")
+        self.anchor_loss_fn = get_loss("seuf_anchor", kind="router") if args.anchor_loss_weight > 0 else None
+        self.weighting_fn = None if args.retain_weighting == "none" else get_loss(args.retain_weighting, kind="weighting")
+        requirements = set(self.forget_loss_fn.requires)
+        for fn in (self.retain_loss_fn, self.weighting_fn):
+            if fn is not None:
+                requirements |= set(fn.requires)
+        self.loss_requirements = requirements
+        if retain_dataset is None and (self.retain_loss_fn is not None or self.weighting_fn is not None):
+            raise MoEUnlearnError(
+                f"retain loss '{args.retain_loss}' needs a retain dataset: pass retain_dataset=..., or set "
+                f"retain_loss='none' (plain gradient ascent / NPO without a retain term)."
+            )
+        if "reference" in requirements and args.adapter != "lora":
+            raise MoEUnlearnError(
+                f"Losses {sorted(n for n in (args.forget_loss, args.retain_loss) if n in ('npo', 'kl'))} need the "
+                f"reference model, which is the base model with the LoRA adapter disabled: use adapter='lora'."
+            )
+
+    @staticmethod
+    def _resolve_selection(base, args, selection, forget, retain, tokenizer) -> ExpertSelection:
+        if selection is not None:
+            return ExpertSelection.coerce(selection)
+        if args.selection:
+            return ExpertSelection.load(args.selection)
+        common = dict(batch_size=args.attribution_batch_size, max_length=args.max_length,
+                      max_tokens=args.attribution_max_tokens, show_progress=not args.disable_tqdm)
+        forget_stats = attribute_experts(base, forget, tokenizer, name="forget set", **common)
+        if args.selection_method == "seuf":
+            return select_seuf(forget_stats, top_m=args.seuf_top_m, per_layer=args.seuf_per_layer)
+        if retain is None:
+            raise MoEUnlearnError("selection_method='trace' needs a retain dataset to compare routing against.")
+        retain_stats = attribute_experts(base, retain, tokenizer, name="retain set", **common)
+        return select_trace(forget_stats, retain_stats, tau=args.trace_tau, rho=args.trace_rho,
+                            top_m=args.trace_top_m, max_layers=args.trace_max_layers)
+
+    def _critical_ratios(self, base, args, forget, retain, tokenizer) -> dict[int, dict[int, float]] | None:
+        """f_F/f_R of each selected expert, for TRACE's token weights (from the selection when it has them)."""
+        if self.weighting_fn is None:
+            return None
+        ratios = self.selection.stats.get("ratio")
+        if ratios and all(e in ratios.get(l, {}) for l, e in self.selection.pairs):
+            return {l: {e: ratios[l][e] for e in ids} for l, ids in self.selection.experts.items()}
+        # e.g. a SEUF selection with TRACE weighting: measure both datasets' routing of the selected experts.
+        common = dict(batch_size=args.attribution_batch_size, max_length=args.max_length,
+                      max_tokens=args.attribution_max_tokens, show_progress=not args.disable_tqdm)
+        table = trace_scores(attribute_experts(base, forget, tokenizer, name="forget set", **common),
+                             attribute_experts(base, retain, tokenizer, name="retain set", **common))
+        self.selection.stats.update({name: {l: {e: float(table[name][l][e]) for e in ids}
+                                            for l, ids in self.selection.experts.items()}
+                                     for name in ("f_forget", "f_retain", "ratio")})
+        return {l: {e: float(table["ratio"][l][e]) for e in ids} for l, ids in self.selection.experts.items()}
+
+    @staticmethod
+    def _method_name(args: MoEUnlearnConfig) -> str:
+        parts = [args.forget_loss.upper() + (f"+{args.retain_loss.upper()}" if args.retain_loss != "none" else "")]
+        if args.anchor_loss_weight > 0:
+            parts.append("SEUF")
+        if args.retain_weighting == "trace":
+            parts.append("TRACE")
+        return " + ".join(parts)
+
+    @staticmethod
+    def _loss_names(args: MoEUnlearnConfig) -> dict[str, float]:
+        losses = {f"forget:{args.forget_loss}": args.forget_loss_weight}
+        if args.retain_loss != "none":
+            losses[f"retain:{args.retain_loss}"] = args.retain_loss_weight
+        if args.anchor_loss_weight > 0:
+            losses["router:seuf_anchor"] = args.anchor_loss_weight
+        if args.retain_weighting != "none":
+            losses[f"weighting:{args.retain_weighting}"] = 1.0
+        return losses
+
+    # ----------------------------------------------------------------------------------- forward helpers
+    def _capture_hidden(self, module, inputs, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        self._captured_hidden[self._hidden_split] = hidden
+
+    def _forward(self, model, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        """Model logits for a batch; the recorder masks padding/label-less tokens; the router aux loss is never
+        added (we compute every loss from logits ourselves)."""
+        self.recorder.set_mask(counted_mask(batch))
+        self._hidden_split = split
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return outputs.logits
+
+    def _reference_provider(self, model, forget, retain):
+        cache: dict[str, torch.Tensor] = {}
+        hidden_cache: dict[str, torch.Tensor] = {}
+
+        def run(split: str) -> None:
+            batch = forget if split == "forget" else retain
+            self.recorder.enabled = False  # the reference's routing must not overwrite this step's
+            try:
+                with torch.no_grad(), unwrap_peft(model).disable_adapter():
+                    self._hidden_split = f"ref_{split}"
+                    cache[split] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         use_cache=False).logits
+                    if f"ref_{split}" in self._captured_hidden:
+                        hidden_cache[split] = self._captured_hidden.pop(f"ref_{split}")
+            finally:
+                self.recorder.enabled = True
+
+        def logits(split: str) -> torch.Tensor:
+            if split not in cache:
+                run(split)
+            return cache[split]
+
+        def hidden(split: str, reference: bool) -> torch.Tensor:
+            if not reference:
+                return self._captured_hidden[split]
+            if split not in hidden_cache:
+                run(split)
+            return hidden_cache[split]
+
+        return logits, hidden
+
+    # ----------------------------------------------------------------------------------------- the loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args: MoEUnlearnConfig = self.args
+        forget, retain = _split(inputs)
+        forget_logits = self._forward(model, forget, "forget")
+        router_logits = {l: self.recorder.current_logits[l] for l in self.selection.layers}
+        forget_topk = {l: self.recorder.current_indices[l] for l in self.selection.layers}
+        retain_logits, retain_topk = None, None
+        if retain is not None and (self.retain_loss_fn is not None or self.weighting_fn is not None):
+            retain_logits = self._forward(model, retain, "retain")
+            retain_topk = {l: self.recorder.current_indices[l] for l in self.selection.layers}
+        has_adapter = hasattr(unwrap_peft(model), "disable_adapter")
+        reference, hidden = self._reference_provider(model, forget, retain) if has_adapter else (None, None)
+        ctx = LossContext(
+            forget_batch=forget, retain_batch=retain, forget_logits=forget_logits, retain_logits=retain_logits,
+            config=args, reference_logits=reference, idk_logits=self._idk_provider(model, forget),
+            hidden_states=hidden if self._hidden_handle is not None else None,
+            router_logits=router_logits, selected_experts=self.selection.experts,
+            score_fn={l: self.moe_layers[l].score_fn for l in self.selection.layers},
+            retain_topk=retain_topk, critical_ratios=self.critical_ratios,
+        )
+        if self.weighting_fn is not None:
+            ctx.retain_token_weights = self.weighting_fn(ctx)
+        forget_loss = self.forget_loss_fn(ctx)
+        self._check_forget_loss(forget_loss)
+        loss = args.forget_loss_weight * forget_loss
+        self._metrics["forget_loss"].append(forget_loss.detach())
+        if self.retain_loss_fn is not None:
+            retain_loss = self.retain_loss_fn(ctx)
+            loss = loss + args.retain_loss_weight * retain_loss
+            self._metrics["retain_loss"].append(retain_loss.detach())
+        if self.anchor_loss_fn is not None:
+            anchor = self.anchor_loss_fn(ctx)
+            loss = loss + args.anchor_loss_weight * anchor
+            self._metrics["anchor_loss"].append(anchor.detach())
+        self._log_routing(ctx, forget, forget_topk)
+        return (loss, {"logits": forget_logits}) if return_outputs else loss
+
+    def _idk_provider(self, model, forget):
+        if "idk_input_ids" not in forget:
+            return None
+
+        def idk_logits() -> torch.Tensor:
+            self.recorder.enabled = False
+            try:
+                return model(input_ids=forget["idk_input_ids"], attention_mask=forget["idk_attention_mask"],
+                             use_cache=False).logits
+            finally:
+                self.recorder.enabled = True
+
+        return idk_logits
+
+    def _check_forget_loss(self, value: torch.Tensor) -> None:
+        """Stop on a NaN/inf forget loss or one past the bound (one host sync per step; the Trainer syncs
+        for its own logging anyway). Raising leaves the last saved checkpoint as it was."""
+        bound = self.args.forget_loss_bound
+        number = float(value.detach())
+        if math.isnan(number) or math.isinf(number) or (bound is not None and abs(number) > bound):
+            raise MoEUnlearnError(
+                f"The forget loss is {number} at step {self.state.global_step} (bound forget_loss_bound={bound}): "
+                f"training stopped; the last saved checkpoint in {self.args.output_dir} is intact. Lower the "
+                f"learning rate, add a retain loss, or use a bounded forget loss (npo, simnpo)."
+            )
+
+    def _log_routing(self, ctx: LossContext, forget: dict[str, torch.Tensor], forget_topk) -> None:
+        """Per selected expert: its routing share on the forget batch and its (TRACE-weighted) share on retain."""
+        with torch.no_grad():
+            forget_mask = counted_mask(forget).reshape(-1).float()
+            for layer, experts in self.selection.experts.items():
+                for e in experts:
+                    self._metrics[f"route/L{layer}E{e}/forget"].append(routing_share(forget_topk[layer], e, forget_mask))
+            if ctx.retain_topk is not None and ctx.retain_batch is not None:
+                if ctx.retain_token_weights is not None and ctx.critical_ratios is not None:
+                    shares = trace_retain_shares(ctx)
+                else:
+                    retain_mask = counted_mask(ctx.retain_batch).reshape(-1).float()
+                    shares = {(l, e): routing_share(ctx.retain_topk[l], e, retain_mask)
+                              for l, ids in self.selection.experts.items() for e in ids}
+                for (layer, e), share in shares.items():
+                    self._metrics[f"route/L{layer}E{e}/retain"].append(share)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the averaged loss parts and routing shares since the last log (one sync, at log time only)."""
+        if self._metrics and "loss" in logs:
+            for name, values in self._metrics.items():
+                logs[name] = round(float(torch.stack([v.float() for v in values]).mean()), 6)
+            self._metrics.clear()
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- saving
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self.selection.save(os.path.join(output_dir, "selection.json"))
+        with open(os.path.join(output_dir, "unlearn_config.json"), "w") as f:
+            f.write(self.args.to_json_string())
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """Write the adapter's Hub model card (base model, method, losses, selected experts, eval results)."""
+        model = unwrap_peft(self.model)
+        if hasattr(model, "model_card"):
+            model.model_card().save(os.path.join(self.args.output_dir, "README.md"))
+        else:
+            super().create_model_card(*args, **kwargs)
+
+    def evaluation_results(self, results: dict[str, float]) -> None:
+        """Record evaluation results so the model card reports them."""
+        model = unwrap_peft(self.model)
+        if hasattr(model, "card_info"):
+            model.card_info["eval_results"] = dict(results)
+
+    def __del__(self) -> None:
+        recorder = getattr(self, "recorder", None)
+        if recorder is not None:
+            recorder.detach()
+        if getattr(self, "_hidden_handle", None) is not None:
+            self._hidden_handle.remove()
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The PEFT model under DDP/compile wrappers (``disable_adapter`` and the model card live there)."""
+    while not hasattr(model, "disable_adapter") and hasattr(model, "module"):
+        model = model.module
+    return model

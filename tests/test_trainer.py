@@ -1,0 +1,221 @@
+"""MoEUnlearnTrainer end to end on tiny models: losses by name, SEUF anchor, TRACE weights, errors, resume."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from hf_moe_unlearn.config import MoEUnlearnConfig
+from hf_moe_unlearn.errors import MoEUnlearnError
+from hf_moe_unlearn.losses import register_loss
+from hf_moe_unlearn.losses.registry import unregister_loss
+from hf_moe_unlearn.moe import find_moe_layers, tiny_moe_model
+from hf_moe_unlearn.routing import ExpertSelection
+from hf_moe_unlearn.trainer import MoEUnlearnTrainer
+
+FORGET = [" ".join(f"w{(i * 3) % 20}" for i in range(j, j + 12)) for j in range(16)]
+RETAIN = [" ".join(f"w{40 + (i * 7) % 80}" for i in range(j, j + 12)) for j in range(16)]
+
+
+def _args(tmp_path, **kw):
+    defaults = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, report_to="none",
+                    disable_tqdm=True, use_cpu=True, logging_steps=1, save_strategy="no", seed=0)
+    defaults.update(kw)
+    return MoEUnlearnConfig(**defaults)
+
+
+def _trainer(tmp_path, tokenizer, model=None, selection=None, forget=FORGET, retain=RETAIN, **kw):
+    model = model if model is not None else tiny_moe_model("qwen3_moe")
+    return MoEUnlearnTrainer(model, _args(tmp_path, **kw), forget_dataset=forget, retain_dataset=retain,
+                             processing_class=tokenizer, selection=selection)
+
+
+@pytest.mark.parametrize("forget_loss,retain_loss", [("ga", "nll"), ("npo", "kl"), ("simnpo", "none"),
+                                                     ("rmu", "rmu_retain")])
+def test_losses_train_and_log(tmp_path, tiny_tokenizer, forget_loss, retain_loss):
+    trainer = _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss=forget_loss, retain_loss=retain_loss)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert "forget_loss" in logged and "anchor_loss" in logged and "route/L1E0/forget" in logged
+    assert ("retain_loss" in logged) == (retain_loss != "none")
+    if retain_loss != "none":
+        assert "route/L1E0/retain" in logged
+    if forget_loss == "npo":  # at step 0 the model is its own reference: NPO = (2/β)·log 2
+        assert logged["forget_loss"] == pytest.approx(2 / 0.1 * np.log(2), rel=0.05)
+
+
+def test_only_selected_expert_and_router_change(tmp_path, tiny_tokenizer):
+    model = tiny_moe_model("qwen3_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _trainer(tmp_path, tiny_tokenizer, model=model, selection={1: [2]}, learning_rate=1e-2, max_steps=3)
+    trainer.train()
+    merged = trainer.model.merge_and_unload().state_dict()
+    changed = {k for k in before if not torch.equal(before[k], merged[k])}
+    assert changed == {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
+                       "model.layers.1.mlp.gate.weight"}
+    for name in ("gate_up_proj", "down_proj"):
+        key = f"model.layers.1.mlp.experts.{name}"
+        diff = (before[key] != merged[key]).flatten(1).any(1)
+        assert diff.tolist() == [False, False, True, False]
+
+
+def test_trace_weights_match_hand_reference(tmp_path, tiny_tokenizer):
+    selection = ExpertSelection({0: [1], 1: [3]}, method="trace",
+                                stats={"ratio": {0: {1: 3.0}, 1: {3: 20.0}}})
+    trainer = _trainer(tmp_path, tiny_tokenizer, selection=selection, retain_weighting="trace", anchor_loss_weight=0)
+    captured = {}
+    original = trainer.weighting_fn
+
+    def spy(ctx):
+        captured["w"] = original(ctx)
+        captured["topk"] = {k: v.clone() for k, v in ctx.retain_topk.items()}
+        captured["batch"] = ctx.retain_batch
+        return captured["w"]
+
+    trainer.weighting_fn = spy
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.compute_loss(trainer.model, batch)
+    retain = captured["batch"]
+    # Hand computation: raw weight of token t from its routing; term with target labels[t] uses token t-1.
+    B, T = retain["input_ids"].shape
+    raw = torch.ones(B * T)
+    for layer, expert, ratio in ((0, 1, 3.0), (1, 3, 10.0)):  # 20 is capped at w_max = 10
+        hit = (captured["topk"][layer] == expert).any(-1).float()
+        raw += hit * (ratio - 1)
+    raw = raw.reshape(B, T)
+    counted = (retain["labels"][:, 1:] != -100) & (retain["attention_mask"][:, 1:] > 0)
+    expected = torch.zeros(B, T)
+    expected[:, 1:] = raw[:, :-1] * counted
+    expected = expected / expected[:, 1:][counted].mean()
+    expected = expected.clamp(max=10.0)
+    torch.testing.assert_close(captured["w"].float(), expected, rtol=1e-5, atol=1e-6)
+    assert captured["w"][:, 1:][counted].mean().item() == pytest.approx(1.0, abs=0.05)
+
+
+def _forget_share(model, tokenizer, layer_idx, expert):
+    from hf_moe_unlearn.routing import attribute_experts
+
+    stats = attribute_experts(model, FORGET, tokenizer, show_progress=False)
+    return stats.frequency(layer_idx)[expert]
+
+
+def test_seuf_anchor_keeps_forget_routing(tmp_path, tiny_tokenizer):
+    """With the anchor the unlearned expert keeps (here: raises) its forget routing share, and keeps more of it
+    than without. On this random tiny model plain GA did not show the paper's routing shortcut (the share rose
+    from 0.72 to 0.82 without the anchor, 0.94 with it), so the test checks the anchor's direction, not a shortcut."""
+    base = tiny_moe_model("qwen3_moe", seed=3)
+    from hf_moe_unlearn.routing import attribute_experts, select_seuf
+
+    selection = select_seuf(attribute_experts(base, FORGET, tiny_tokenizer, show_progress=False))
+    (layer, expert), = selection.pairs
+    start = _forget_share(base, tiny_tokenizer, layer, expert)
+    shares = {}
+    for weight in (0.0, 1.0):
+        model = tiny_moe_model("qwen3_moe", seed=3)
+        trainer = _trainer(tmp_path / str(weight), tiny_tokenizer, model=model, selection=selection,
+                           forget_loss="ga", retain_loss="none", anchor_loss_weight=weight, learning_rate=5e-2,
+                           max_steps=12)
+        trainer.train()
+        shares[weight] = _forget_share(trainer.model.merge_and_unload(), tiny_tokenizer, layer, expert)
+    assert shares[1.0] >= start, (start, shares)
+    assert shares[1.0] > shares[0.0], (start, shares)
+
+
+def test_trace_calibration_moves_retain_frequency_toward_forget(tmp_path, tiny_tokenizer):
+    selection = ExpertSelection({1: [0]}, method="trace", stats={"ratio": {1: {0: 5.0}}})
+    trainer = _trainer(tmp_path, tiny_tokenizer, selection=selection, retain_weighting="trace",
+                       anchor_loss_weight=0, max_steps=2)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    from hf_moe_unlearn.routing import attribute_experts
+
+    plain_retain = attribute_experts(tiny_moe_model("qwen3_moe"), RETAIN, tiny_tokenizer,
+                                     show_progress=False).frequency(1)[0]
+    # The weighted retain share of the critical expert is higher than its plain share (closer to f_F).
+    assert logged["route/L1E0/retain"] > plain_retain
+
+
+def test_forget_loss_bound_stops_and_keeps_checkpoint(tmp_path, tiny_tokenizer):
+    trainer = _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss="ga", retain_loss="none",
+                       learning_rate=0.5, max_steps=30, save_strategy="steps", save_steps=1, forget_loss_bound=5.0)
+    with pytest.raises(MoEUnlearnError, match="forget loss is .* training stopped"):
+        trainer.train()
+    checkpoints = sorted(os.listdir(tmp_path / "out"))
+    assert checkpoints and all(os.path.exists(tmp_path / "out" / c / "adapter_model.safetensors") for c in checkpoints)
+
+
+def test_resume_from_checkpoint_gives_same_adapter(tmp_path, tiny_tokenizer):
+    full = _trainer(tmp_path / "a", tiny_tokenizer, selection={1: [0]}, max_steps=4, save_strategy="steps",
+                    save_steps=2, learning_rate=1e-2)
+    full.train()
+    resumed = _trainer(tmp_path / "a2", tiny_tokenizer, selection={1: [0]}, max_steps=4, save_strategy="steps",
+                       save_steps=2, learning_rate=1e-2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    a = {k: v for k, v in full.model.state_dict().items() if "lora" in k}
+    b = {k: v for k, v in resumed.model.state_dict().items() if "lora" in k}
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_custom_loss_by_name(tmp_path, tiny_tokenizer):
+    calls = []
+
+    @register_loss("half_ga", kind="forget", requires=("forget_logits",))
+    def half_ga(ctx):
+        from hf_moe_unlearn.losses import ga_loss
+
+        calls.append(1)
+        return 0.5 * ga_loss(ctx.forget_logits, ctx.forget_batch["labels"])
+
+    try:
+        trainer = _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss="half_ga", max_steps=1)
+        trainer.train()
+        assert calls
+    finally:
+        unregister_loss("half_ga")
+
+
+def test_bad_input_errors(tmp_path, tiny_tokenizer):
+    with pytest.raises(MoEUnlearnError, match="Unknown forget loss 'nope'.*ga"):
+        _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss="nope")
+    with pytest.raises(MoEUnlearnError, match="forget set is empty"):
+        _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget=[])
+    with pytest.raises(MoEUnlearnError, match="needs a retain dataset"):
+        _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, retain=None)
+    with pytest.raises(MoEUnlearnError, match="'I don't know' answers"):
+        _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss="idk")
+    with pytest.raises(MoEUnlearnError, match="layer 7, which is not an MoE layer"):
+        _trainer(tmp_path, tiny_tokenizer, selection={7: [0]})
+    with pytest.raises(MoEUnlearnError, match="reference model"):
+        _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss="npo", adapter="full")
+    with pytest.raises(MoEUnlearnError, match="retain_weighting"):
+        _args(tmp_path, retain_weighting="sometimes")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, vocab_size=128))
+    with pytest.raises(MoEUnlearnError, match="no Mixture-of-Experts layer"):
+        _trainer(tmp_path, tiny_tokenizer, model=dense)
+
+
+def test_idk_loss_with_prompt_answer_data(tmp_path, tiny_tokenizer):
+    forget = [{"prompt": "w1 w2 w3", "answer": "w4 w5", "idk": "w9 w9"} for _ in range(4)]
+    retain = [{"prompt": "w50 w51", "answer": "w52 w53"} for _ in range(4)]
+    trainer = _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss="idk", forget=forget,
+                       retain=retain, max_steps=1)
+    trainer.train()
+    assert "forget_loss" in trainer.state.log_history[0]
+
+
+def test_hf_argument_parser_roundtrip(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(MoEUnlearnConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--forget_loss", "npo", "--anchor_loss_weight", "0",
+         "--retain_weighting", "trace", "--max_steps", "3"])
+    assert args.forget_loss == "npo" and args.anchor_loss_weight == 0 and args.retain_weighting == "trace"
+    again = MoEUnlearnConfig(**{k: v for k, v in args.to_dict().items() if k in MoEUnlearnConfig.__dataclass_fields__
+                                and MoEUnlearnConfig.__dataclass_fields__[k].init})
+    assert again.forget_loss == "npo" and again.retain_weighting == "trace"
