@@ -31,6 +31,14 @@ _EXPORTS = {
     "select_seuf": "routing.attribution",
     "select_trace": "routing.attribution",
     "select_explicit": "routing.attribution",
+    # adapters
+    "get_expert_peft_model": "adapter",
+    "expert_lora_config": "adapter",
+    "ExpertPeftModel": "adapter",
+    "build_model_card": "adapter",
+    # training
+    "MoEUnlearnConfig": "config",
+    "MoEUnlearnTrainer": "trainer",
     # losses
     "register_loss": "losses.registry",
     "get_loss": "losses.registry",

@@ -1,6 +1,7 @@
 """The ``hf-moe-unlearn`` command line.
 
-Subcommands: ``attribute`` (routing statistics + expert selection), ``families`` (supported model families).
+Subcommands: ``attribute`` (routing statistics + expert selection), ``unlearn`` (train with every
+``MoEUnlearnConfig`` field as a flag), ``families`` (supported model families).
 Bad input (a missing file, an empty dataset, a dense model, ...) prints one clear line and exits with status 2.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .errors import MoEUnlearnError
@@ -82,6 +84,46 @@ def run_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class UnlearnScriptArguments:
+    """Arguments of `hf-moe-unlearn unlearn` that are not training settings."""
+
+    model: str = field(metadata={"help": "Local path or Hub name of the MoE causal LM."})
+    forget: str = field(metadata={"help": "Forget data: .txt, .jsonl, .parquet, .csv or a saved dataset."})
+    retain: str | None = field(default=None, metadata={"help": "Retain data (same formats)."})
+
+
+def _add_unlearn_parser(sub) -> None:
+    p = sub.add_parser(
+        "unlearn", add_help=False,
+        help="Unlearn a forget set (every MoEUnlearnConfig field is a flag; --config file.yaml also works).",
+    )
+    p.set_defaults(func=run_unlearn, accepts_extra=True)
+
+
+def run_unlearn(args: argparse.Namespace) -> int:
+    """Parse the flags with TRL's parser (HfArgumentParser + ``--config file.yaml``), train, save the adapter."""
+    from trl import TrlParser
+
+    from .config import MoEUnlearnConfig
+    from .data.text import load_texts
+    from .trainer import MoEUnlearnTrainer
+
+    parser = TrlParser((UnlearnScriptArguments, MoEUnlearnConfig), prog="hf-moe-unlearn unlearn")
+    script, config = parser.parse_args_and_config(args=args.extra)
+    forget = load_texts(script.forget, "forget set")
+    retain = load_texts(script.retain, "retain set") if script.retain else None
+    model, tokenizer = _load_model_and_tokenizer(script.model)
+    trainer = MoEUnlearnTrainer(model, config, forget_dataset=forget, retain_dataset=retain,
+                                processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    trainer.save_state()
+    trainer.create_model_card()
+    print(f"adapter, selection and config saved to {config.output_dir}")
+    return 0
+
+
 def _add_families_parser(sub) -> None:
     p = sub.add_parser("families", help="Print the table of supported MoE families (markdown).")
     p.set_defaults(func=lambda args: print(families_markdown()) or 0)
@@ -107,7 +149,7 @@ def families_markdown() -> str:
     return "\n".join(rows)
 
 
-COMMANDS: list[Callable] = [_add_attribute_parser, _add_families_parser]
+COMMANDS: list[Callable] = [_add_attribute_parser, _add_unlearn_parser, _add_families_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

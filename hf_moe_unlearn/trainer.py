@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from .config import MoEUnlearnConfig
 from .data.text import PaddingCollator, counted_mask, tokenize_dataset
@@ -116,6 +116,7 @@ class MoEUnlearnTrainer(Trainer):
             self.selection.validate(base)
             from .adapter import get_expert_peft_model
 
+            set_seed(args.seed)  # the LoRA initialisation draws from the global RNG: make runs reproducible
             model = get_expert_peft_model(
                 base, self.selection, r=args.lora_r, lora_alpha=args.lora_alpha, train_router=args.train_router,
                 mode=args.adapter,
@@ -165,13 +166,23 @@ class MoEUnlearnTrainer(Trainer):
             )
 
     @staticmethod
-    def _resolve_selection(base, args, selection, forget, retain, tokenizer) -> ExpertSelection:
+    def _attribution_kwargs(args: MoEUnlearnConfig) -> dict[str, Any]:
+        """Attribution settings; under ``accelerate launch`` each process routes a share and the sums are reduced,
+        so every process selects the same experts."""
+        from accelerate import PartialState
+
+        state = PartialState()
+        return dict(batch_size=args.attribution_batch_size, max_length=args.max_length,
+                    max_tokens=args.attribution_max_tokens, show_progress=not args.disable_tqdm,
+                    accelerator=state if state.num_processes > 1 else None)
+
+    @classmethod
+    def _resolve_selection(cls, base, args, selection, forget, retain, tokenizer) -> ExpertSelection:
         if selection is not None:
             return ExpertSelection.coerce(selection)
         if args.selection:
             return ExpertSelection.load(args.selection)
-        common = dict(batch_size=args.attribution_batch_size, max_length=args.max_length,
-                      max_tokens=args.attribution_max_tokens, show_progress=not args.disable_tqdm)
+        common = cls._attribution_kwargs(args)
         forget_stats = attribute_experts(base, forget, tokenizer, name="forget set", **common)
         if args.selection_method == "seuf":
             return select_seuf(forget_stats, top_m=args.seuf_top_m, per_layer=args.seuf_per_layer)
@@ -189,8 +200,7 @@ class MoEUnlearnTrainer(Trainer):
         if ratios and all(e in ratios.get(l, {}) for l, e in self.selection.pairs):
             return {l: {e: ratios[l][e] for e in ids} for l, ids in self.selection.experts.items()}
         # e.g. a SEUF selection with TRACE weighting: measure both datasets' routing of the selected experts.
-        common = dict(batch_size=args.attribution_batch_size, max_length=args.max_length,
-                      max_tokens=args.attribution_max_tokens, show_progress=not args.disable_tqdm)
+        common = self._attribution_kwargs(args)
         table = trace_scores(attribute_experts(base, forget, tokenizer, name="forget set", **common),
                              attribute_experts(base, retain, tokenizer, name="retain set", **common))
         self.selection.stats.update({name: {l: {e: float(table[name][l][e]) for e in ids}

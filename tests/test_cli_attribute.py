@@ -84,3 +84,33 @@ def test_readme_family_table_is_generated_from_code():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert families_markdown() in readme, "README's family table is stale: paste `hf-moe-unlearn families` output"
+
+
+def test_unlearn_cli_writes_standard_adapter(tmp_path, saved_model):
+    forget = _write(tmp_path / "forget.txt", ["w1 w2 w3 w4 w1 w2", "w3 w4 w1 w2", "w2 w1 w3", "w5 w1 w2"])
+    retain = _write(tmp_path / "retain.txt", ["w50 w60 w70", "w80 w90 w100 w110"])
+    config = tmp_path / "cfg.yaml"
+    config.write_text("forget_loss: npo\nretain_loss: kl\nmax_steps: 2\nper_device_train_batch_size: 2\n")
+    out = tmp_path / "out"
+    code = main(["unlearn", "--model", str(saved_model), "--forget", str(forget), "--retain", str(retain),
+                 "--config", str(config), "--output_dir", str(out), "--anchor_loss_weight", "0",
+                 "--retain_weighting", "trace", "--selection_method", "trace", "--trace_rho", "1.0",
+                 "--trace_tau", "0.5", "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no",
+                 "--disable_tqdm", "true"])
+    assert code == 0
+    files = set(p.name for p in out.iterdir())
+    assert {"adapter_config.json", "adapter_model.safetensors", "selection.json", "unlearn_config.json",
+            "trainer_state.json", "README.md"} <= files
+    config_used = json.loads((out / "unlearn_config.json").read_text())
+    assert config_used["forget_loss"] == "npo" and config_used["retain_loss"] == "kl"
+    assert config_used["retain_weighting"] == "trace" and config_used["anchor_loss_weight"] == 0
+    # loads in plain PEFT, in a process that never imports hf_moe_unlearn
+    script = (
+        "import sys, torch; from transformers import AutoModelForCausalLM; from peft import PeftModel;"
+        f"m = AutoModelForCausalLM.from_pretrained({str(saved_model)!r});"
+        f"p = PeftModel.from_pretrained(m, {str(out)!r});"
+        "print(p(torch.tensor([[1, 5, 6]])).logits.shape);"
+        "assert 'hf_moe_unlearn' not in sys.modules"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

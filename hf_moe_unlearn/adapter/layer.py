@@ -6,16 +6,16 @@ backward computes the gradient of the whole [E, out, in] tensor. Here the base e
 runs them (tokens sorted by expert, one ``grouped_mm`` per projection, all experts), and the adaptation is added
 row-wise, only where it belongs:
 
-- LoRA mode: with S selected experts stacked, ``x @ A_cat^T`` ([tokens, S*r]) is masked per row by "which selected
-  expert (if any) this row was routed to" and multiplied by ``B_cat`` ([S*r, out]); the result is added to the
-  gate/up output *before* the activation (and to the down output), which is exactly ``x @ (W_e + s B_e A_e)^T``.
-  Cost O(tokens * S * r * (in + out)); the only weight gradients are those of A and B.
+- LoRA mode: after the sort, each selected expert's rows are one contiguous window, of at most ``tokens`` rows.
+  A fixed window of that size per selected expert (its start read on the device, the padding masked) goes through
+  ``x @ A_e^T @ B_e^T`` and is ``index_add``-ed to the gate/up output *before* the activation (and to the down
+  output): exactly ``x @ (W_e + s B_e A_e)^T``. Cost O(S * tokens * r * (in + out)); the only weight gradients
+  are those of A and B, and only the window rows are kept for backward.
 - Full mode: the effective weight ``W.index_add(0, selected, delta)`` is passed to the same ``grouped_mm``; the
   trainable ``delta`` holds only the S selected experts.
 
 Everything stays on the device: no ``nonzero``, boolean indexing or ``.item()`` (a host sync each), no Python loop
-over experts. The row mask is a comparison against a small lookup table (``one_hot`` is avoided: on CPU it calls
-``.item()`` to check its input).
+over experts.
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ def _grouped_linear(inp: torch.Tensor, weight: torch.Tensor, offsets: torch.Tens
     return _grouped_mm(inp, weight if transposed else weight.transpose(-2, -1), offsets)
 
 
-def _expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Cumulative row counts per expert, as transformers computes them (``histc``: no sync, CUDA-graph safe)."""
+def _expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows per expert, cumulative rows per expert), as transformers computes them (``histc``: no sync)."""
     on_cpu = sorted_ids.device.type in ("cpu", "mps")  # histc takes floats on CPU/MPS, ints on CUDA
     counts = torch.histc(sorted_ids.float() if on_cpu else sorted_ids.int(), bins=num_experts, min=0, max=num_experts - 1)
-    return torch.cumsum(counts, dim=0, dtype=torch.int32)
+    return counts, torch.cumsum(counts, dim=0, dtype=torch.int32)
 
 
 def _routing_args(base: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,11 +114,8 @@ class SelectedExpertsLayer(nn.Module, LoraLayer):
         self.is_transposed = bool(getattr(base, "is_transposed", False))
         ids = sorted({int(e) for e in expert_ids})
         device = getattr(base, self.weight_names[0]).device
-        slot = torch.full((self.num_experts,), len(ids), dtype=torch.long)
-        slot[ids] = torch.arange(len(ids))
         # Non-persistent: derived from the selection, never part of a checkpoint.
         self.register_buffer("selected_ids", torch.tensor(ids, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("expert_slot", slot.to(device), persistent=False)
         self.register_buffer("slot_range", torch.arange(len(ids), device=device), persistent=False)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
@@ -235,25 +232,29 @@ class SelectedExpertsLayer(nn.Module, LoraLayer):
         top_k_index, top_k_weights = _routing_args(base, args, kwargs)
         return self._selected_forward(adapter, hidden_states, top_k_index, top_k_weights)
 
-    def _add_lora(
-        self, adapter: str, name: str, base_out: torch.Tensor, inp: torch.Tensor, slot_mask: torch.Tensor,
-        rows: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        """``base_out`` plus the LoRA output of tensor ``name`` on the rows of selected experts (zero elsewhere).
+    def _selected_windows(
+        self, counts: torch.Tensor, offsets: torch.Tensor, num_tokens: int, total_rows: int, dtype: torch.dtype,
+        scaling: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row windows of the selected experts in the expert-sorted rows, sized without a host sync.
 
-        ``inp`` are token-level inputs gathered by ``rows`` (the rank-r product is then taken once per token, not
-        once per (token, expert) pair) or, when ``rows`` is None, already the sorted rows. The up-projection by B and
-        the addition are one ``addmm`` (no [rows, out] temporary, one pass over the output).
+        Expert e's rows are contiguous, ``[offsets[e] - counts[e], offsets[e])``, and there are at most ``num_tokens``
+        of them (top-k picks distinct experts, so a token reaches e at most once). So a fixed window of
+        ``num_tokens`` rows from each selected expert's start covers all its rows; the part past its end is masked.
+
+        Returns ``rows`` ([S*N] row indices, clamped in range) and ``scale`` ([S, N, 1]: LoRA scaling on real rows,
+        0 on padding).
         """
-        a = self.lora_A[adapter][name]
+        ends = offsets[self.selected_ids].long()
+        starts = ends - counts[self.selected_ids].long()
+        window = starts.unsqueeze(-1) + torch.arange(num_tokens, device=offsets.device)  # [S, N]
+        scale = (window < ends.unsqueeze(-1)).to(dtype).mul_(scaling).unsqueeze(-1)
+        return window.clamp_(max=total_rows - 1).view(-1), scale
+
+    def _lora_delta(self, adapter: str, name: str, low: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(scale * low) @ B`` per selected expert: [S*N, out] LoRA outputs of the window rows (0 on padding)."""
         b = self.lora_B[adapter][name]
-        num_selected, rank, d_in = a.shape
-        low = inp @ a.to(inp.dtype).reshape(num_selected * rank, d_in).t()  # [T, S*r]
-        if rows is not None:
-            low = low[rows]
-        low = (low.view(-1, num_selected, rank) * slot_mask.unsqueeze(-1)).view(-1, num_selected * rank)
-        b_cat = b.to(base_out.dtype).reshape(num_selected * rank, -1)  # row s*r+j = column j of B_s
-        return torch.addmm(base_out, low.to(base_out.dtype), b_cat, alpha=self.scaling[adapter])
+        return torch.bmm((low * scale).to(dtype), b.to(dtype)).view(-1, b.shape[-1])
 
     def _effective(self, adapter: str, name: str) -> torch.Tensor:
         """Base tensor ``name`` with the full-mode deltas of the selected experts added (a new tensor)."""
@@ -275,21 +276,32 @@ class SelectedExpertsLayer(nn.Module, LoraLayer):
         sorted_ids, perm = torch.sort(expert_ids)
         token_of_row = perm // top_k
         rows_in = hidden_states[token_of_row]
-        offsets = _expert_offsets(sorted_ids, self.num_experts)
-        slot_mask = self.expert_slot[sorted_ids].unsqueeze(-1) == self.slot_range  # [Nk, S] bool
+        counts, offsets = _expert_offsets(sorted_ids, self.num_experts)
 
         up = _grouped_linear(rows_in, self._effective(adapter, up_name), offsets, self.is_transposed)
         if f"{up_name}_bias" in self.bias_names:
             up = up + self._effective(adapter, f"{up_name}_bias")[sorted_ids]
         if lora:
-            up = self._add_lora(adapter, up_name, up, hidden_states, slot_mask, token_of_row)
+            rows, scale = self._selected_windows(
+                counts, offsets, num_tokens, expert_ids.numel(), hidden_states.dtype, self.scaling[adapter]
+            )
+            # A's product once per token ([N, S*r], cheap), then each window row takes its token's block of its expert
+            a_up = self.lora_A[adapter][up_name]
+            low_tok = (hidden_states @ a_up.to(hidden_states.dtype).reshape(-1, a_up.shape[-1]).t()).view(
+                num_tokens, a_up.shape[0], -1
+            )
+            low = low_tok[token_of_row[rows].view(a_up.shape[0], -1), self.slot_range.unsqueeze(-1)]  # [S, N, r]
+            up = up.index_add_(0, rows, self._lora_delta(adapter, up_name, low, scale, up.dtype))
         act = base._apply_gate(up) if getattr(base, "has_gate", True) else base.act_fn(up)
 
         out = _grouped_linear(act, self._effective(adapter, down_name), offsets, self.is_transposed)
         if f"{down_name}_bias" in self.bias_names:
             out = out + self._effective(adapter, f"{down_name}_bias")[sorted_ids]
         if lora:
-            out = self._add_lora(adapter, down_name, out, act, slot_mask, None)
+            a_down = self.lora_A[adapter][down_name]
+            act_rows = act[rows].view(a_down.shape[0], -1, act.shape[-1])  # [S, N, I]: only the windows are kept
+            low = torch.bmm(act_rows, a_down.to(act.dtype).transpose(1, 2))
+            out = out.index_add_(0, rows, self._lora_delta(adapter, down_name, low, scale, out.dtype))
         if getattr(base, "has_post_expert_norm", False):
             out = base.post_expert_norm(out)
 

@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import tempfile
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -438,4 +439,6 @@ def get_expert_peft_model(
     selection, layers = resolve_selection(model, selection)
     standard = expert_lora_config(model, selection, r, lora_alpha, train_router, mode=mode, **lora_kwargs)
     training = _training_config(standard, layers, selection, mode)
-    return ExpertPeftModel(unwrap_model(model), training, standard_config=standard, selection=selection)
+    with warnings.catch_warnings():  # PEFT reads the deprecated `is_gradient_checkpointing` (transformers >= 5.24)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return ExpertPeftModel(unwrap_model(model), training, standard_config=standard, selection=selection)

@@ -361,6 +361,20 @@ DOMAIN_NAMES: tuple[str, ...] = tuple(d.name for d in _DOMAINS)
 _MAX_ATTRIBUTES = min(len(d.attributes) for d in _DOMAINS)
 _MIN_POOL = min(len(a.values) for d in _DOMAINS for a in d.attributes)
 
+
+
+def value_pool(domain: str, attribute: str) -> tuple[str, ...]:
+    """The values an attribute of a domain can take (MCQ distractors and perturbed answers come from here)."""
+    for d in _DOMAINS:
+        if d.name == domain:
+            for a in d.attributes:
+                if a.name == attribute:
+                    return a.values
+            raise MoEUnlearnError(f"Domain {domain!r} has no attribute {attribute!r}; it has "
+                                  f"{[a.name for a in d.attributes]}.")
+    raise MoEUnlearnError(f"Unknown domain {domain!r}; choose one of {DOMAIN_NAMES}.")
+
+
 # Pronounceable name parts: consonant-vowel syllables, an optional closing consonant.
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr", "th")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
@@ -680,4 +694,4 @@ def _mcq_dataset(entities: list[Entity], domains: dict[str, _Domain], rng: rando
 
 
 __all__ = ["BenchmarkSpec", "Entity", "SyntheticBenchmark", "make_benchmark", "format_qa", "format_qa_prompt",
-           "QA_PROMPT", "DOMAIN_NAMES", "FORGET_SETTINGS"]
+           "QA_PROMPT", "DOMAIN_NAMES", "value_pool", "FORGET_SETTINGS"]

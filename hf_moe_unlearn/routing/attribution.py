@@ -43,8 +43,8 @@ def attribute_experts(
         dataset: texts (list of str), a ``datasets.Dataset`` with a ``text`` column or prompt/answer columns
             (only answer tokens count), or an already tokenised dataset (``input_ids``[, ``labels``]).
         max_tokens: stop after about this many counted tokens (SEUF: ~100k tokens suffice).
-        accelerator: an ``accelerate.Accelerator``; each process takes a disjoint share of the examples
-            (no padding duplicates) and the statistics are summed across processes.
+        accelerator: an ``accelerate.Accelerator`` or ``PartialState``; each process takes a disjoint share of
+            the examples (no padding duplicates) and the statistics are summed across processes.
     """
     from ..data.text import PaddingCollator, tokenize_dataset
 
@@ -91,7 +91,9 @@ def attribute_experts(
     if accelerator is not None and accelerator.num_processes > 1:
         if raw is None:
             raise MoEUnlearnError(f"Process {accelerator.process_index} got no example of the {name}: use fewer processes.")
-        raw = {k: accelerator.reduce(v.contiguous(), reduction="sum") for k, v in raw.items()}
+        from accelerate.utils import reduce
+
+        raw = {k: reduce(v.contiguous(), reduction="sum") for k, v in raw.items()}
     stats = recorder.stats(raw, dataset=name)
     return stats
 

@@ -1,0 +1,103 @@
+"""The benchmark driver end to end on a micro benchmark, and its input checks.
+
+The micro run pre-trains for two steps and unlearns for two: the numbers mean nothing, but every stage
+(pre-training cache, unlearning, each metric, reports) runs, and the reports must hold what they claim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from hf_moe_unlearn.bench.commands import add_bench_parser, add_demo_parser, parse_seeds
+from hf_moe_unlearn.bench.pretrain import PretrainSettings
+from hf_moe_unlearn.bench.run import COLUMNS, DEMO_METHODS, METHODS, BenchBudget, resolve_methods, run_benchmark
+from hf_moe_unlearn.errors import MoEUnlearnError
+
+_METHOD = "GradDiff+SEUF"
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("bench")
+    result = run_benchmark([_METHOD], [0], size="micro", workdir=workdir, device="cpu",
+                           pretrain_settings=PretrainSettings.preset("micro", max_steps=2), log=lambda *_: None)
+    return workdir, result
+
+
+def test_reports_are_written_with_reference_and_method_rows(micro_run):
+    workdir, result = micro_run
+    table = (workdir / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| run |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["run", *COLUMNS]
+    body = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert body == ["run", "target", "retrain", _METHOD]
+
+    saved = json.loads((workdir / "results.json").read_text())
+    assert list(saved["rows"]) == ["target", "retrain", _METHOD]
+    assert saved["columns"] == list(COLUMNS)
+    assert (workdir / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["paths"]["plot"] == str(workdir / "tradeoff.png")
+
+
+def test_metrics_are_in_range_and_retrain_is_its_own_reference(micro_run):
+    _, result = micro_run
+    rows = result["rows"]
+    for name, row in rows.items():
+        for column in ("forget_mcq", "utility_mcq", "relearn_mcq", "forget_knowmem", "verbmem", "retain_knowmem"):
+            assert 0.0 <= row[column] <= 1.0, (name, column)
+        assert row["ppl_general"] > 1.0
+        assert 0.0 <= row["forget_quality"] <= 1.0
+    # Relative to itself, the retrain model leaks nothing and its truth ratios match exactly (KS p-value 1).
+    assert rows["retrain"]["privleak"] == pytest.approx(0.0)
+    assert rows["retrain"]["forget_quality"] == pytest.approx(1.0)
+    # SEUF trains one expert, so the routing share is defined (it is '–' only when all experts train).
+    assert math.isfinite(rows[_METHOD]["routing_share"]) and rows[_METHOD]["routing_share"] > 0
+    seed_row = result["per_seed"][_METHOD][0]
+    assert sum(len(v) for v in seed_row["selected_experts"].values()) == 1
+
+
+def test_unknown_method_lists_the_valid_ones(tmp_path):
+    with pytest.raises(MoEUnlearnError) as err:
+        run_benchmark(["GradDiff", "Magic"], [0], size="micro", workdir=tmp_path)
+    message = str(err.value)
+    assert "'Magic'" in message and all(name in message for name in METHODS)
+    assert not (tmp_path / "results.md").exists()  # validated before any work
+
+
+def test_method_names_are_case_insensitive_and_deduplicated():
+    assert resolve_methods("npo+seuf, GradDiff,npo+SEUF") == ["NPO+SEUF", "GradDiff"]
+    with pytest.raises(MoEUnlearnError, match="No method"):
+        resolve_methods(" , ")
+
+
+def test_bad_seeds_and_size_are_rejected(tmp_path):
+    with pytest.raises(MoEUnlearnError, match="seeds"):
+        run_benchmark(["GA"], [], size="micro", workdir=tmp_path)
+    with pytest.raises(MoEUnlearnError, match="comma list of integers"):
+        parse_seeds("0,one")
+    with pytest.raises(MoEUnlearnError, match="Unknown benchmark size"):
+        BenchBudget.preset("huge")
+
+
+def test_baselines_train_all_experts_and_seuf_methods_use_the_anchor():
+    for name, spec in METHODS.items():
+        assert spec.all_experts == ("SEUF" not in name and "TRACE" not in name), name
+        assert (spec.anchor_loss_weight > 0) == ("SEUF" in name), name
+        assert (spec.retain_weighting == "trace") == ("TRACE" in name), name
+
+
+def test_cli_parsers_set_defaults_and_func():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    add_bench_parser(sub)
+    add_demo_parser(sub)
+    bench = parser.parse_args(["bench", "--methods", "GA,NPO", "--seeds", "1,2", "--forget_setting", "entities"])
+    assert (bench.methods, bench.seeds, bench.size, bench.forget_setting) == ("GA,NPO", "1,2", "full", "entities")
+    assert callable(bench.func)
+    demo = parser.parse_args(["demo"])
+    assert demo.forget_setting == "domain" and callable(demo.func)
+    assert set(DEMO_METHODS) <= set(METHODS)
