@@ -1,8 +1,8 @@
 """Training-step speed and memory of expert-selective LoRA against full fine-tuning, PEFT LoRA on all experts and
 frozen-model ceilings.
 
-    python benchmarks/expert_lora_step.py --device cpu --size tiny --repeats 2 --steps 5
-    python benchmarks/expert_lora_step.py --device cuda --size gpu --repeats 2 --steps 10
+    python benchmarks/expert_lora_step.py --device cpu --size tiny --repeats 2 --steps 5 --threads 1
+    python benchmarks/expert_lora_step.py --device cuda --size gpu --repeats 3 --steps 30 --warmup 5
 
 Two scenarios on a Qwen3-MoE model with random weights (same seed for every variant):
 
@@ -145,6 +145,11 @@ VARIANTS = [
 ]
 
 
+def make_optimizer(params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused on CUDA (transformers' default ``adamw_torch_fused``), the same for every variant."""
+    return torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -187,7 +192,7 @@ def run_variant(variant: Variant, size: str, device: torch.device, steps: int, w
     model = build_model(size, device)
     model, params = variant.build(model)
     trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = make_optimizer(params, device)
     spec = SIZES[size]
     generator = torch.Generator(device="cpu").manual_seed(1)
     batch = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=generator).to(device)
@@ -291,8 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant and repeat")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU intra-op threads (1 is steadier when other processes share the cores)")
+    parser.add_argument("--profile", type=int, nargs="*", default=[],
+                        help="variant numbers (0-based, table order) to profile one step of, after the table")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import peft
     import transformers
@@ -334,7 +345,34 @@ def main(argv: list[str] | None = None) -> int:
         failed |= not ok
         sign = ">=" if kind == "speed" else "<="
         print(f"  {'PASS' if ok else 'FAIL'}  {label}: {', '.join(f'{r:.2f}' for r in ratios)} (target {sign} {bound})")
+    for index in args.profile:
+        profile_variant(VARIANTS[index], args.size, device)
     return 1 if failed else 0
+
+
+def profile_variant(variant: Variant, size: str, device: torch.device, rows: int = 12) -> None:
+    """Where one training step of ``variant`` spends its time (torch.profiler), and how often it syncs the host."""
+    model, params = variant.build(build_model(size, device))
+    optimizer = make_optimizer(params, device)
+    spec = SIZES[size]
+    batch = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"])).to(device)
+    for _ in range(3):
+        train_step(model, optimizer, batch)
+    sync(device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        train_step(model, optimizer, batch)
+        sync(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+    print(f"\nstep wall {wall * 1e3:.1f} ms (profiled), kernels busy {busy:.1f} ms, "
+          f"{sum(e.count for e in events if e.key.startswith('aten::'))} aten calls")
+    syncs = {e.key: e.count for e in events if "Synchronize" in e.key or "Memcpy" in e.key or "local_scalar" in e.key}
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of one step: {variant.name}; host syncs/copies: {syncs or 'none'}")
+    print(events.table(sort_by=sort, row_limit=rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The ``hf-moe-unlearn`` command line.
 
 Subcommands: ``attribute`` (routing statistics + expert selection), ``unlearn`` (train with every
-``MoEUnlearnConfig`` field as a flag), ``families`` (supported model families).
+``MoEUnlearnConfig`` field as a flag), ``demo`` / ``bench`` (the built-in benchmark), ``families`` (supported
+model families).
 Bad input (a missing file, an empty dataset, a dense model, ...) prints one clear line and exits with status 2.
 """
 
@@ -149,7 +150,14 @@ def families_markdown() -> str:
     return "\n".join(rows)
 
 
-COMMANDS: list[Callable] = [_add_attribute_parser, _add_unlearn_parser, _add_families_parser]
+def _add_bench_parsers(sub) -> None:
+    from .bench.commands import add_bench_parser, add_demo_parser
+
+    add_demo_parser(sub)
+    add_bench_parser(sub)
+
+
+COMMANDS: list[Callable] = [_add_attribute_parser, _add_unlearn_parser, _add_bench_parsers, _add_families_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

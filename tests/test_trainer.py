@@ -219,3 +219,14 @@ def test_hf_argument_parser_roundtrip(tmp_path):
     again = MoEUnlearnConfig(**{k: v for k, v in args.to_dict().items() if k in MoEUnlearnConfig.__dataclass_fields__
                                 and MoEUnlearnConfig.__dataclass_fields__[k].init})
     assert again.forget_loss == "npo" and again.retain_weighting == "trace"
+
+
+def test_gradient_checkpointing_and_accumulation(tmp_path, tiny_tokenizer):
+    trainer = _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, gradient_checkpointing=True,
+                       gradient_accumulation_steps=2, per_device_train_batch_size=2, forget_loss="npo",
+                       retain_loss="kl", retain_weighting="trace", max_steps=2)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert np.isfinite(logged["loss"]) and "route/L1E0/retain" in logged
+    # the embeddings never require grad: the backward stops at the lowest selected layer
+    assert not trainer.model.get_input_embeddings().weight.requires_grad

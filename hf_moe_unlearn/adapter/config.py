@@ -70,7 +70,7 @@ def resolve_selection(
             "shared experts are always active, have no id and are never selectable."
         ) from exc
     layers = sel.validate(model)
-    for index, layer in layers.items():
+    for layer in layers.values():
         _check_layout(layer)
     return sel, layers
 

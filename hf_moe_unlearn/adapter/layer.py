@@ -51,11 +51,11 @@ def _grouped_linear(inp: torch.Tensor, weight: torch.Tensor, offsets: torch.Tens
     return _grouped_mm(inp, weight if transposed else weight.transpose(-2, -1), offsets)
 
 
-def _expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows per expert, cumulative rows per expert), as transformers computes them (``histc``: no sync)."""
+def _expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Cumulative rows per expert, as transformers computes them (``histc``: no sync, CUDA-graph safe)."""
     on_cpu = sorted_ids.device.type in ("cpu", "mps")  # histc takes floats on CPU/MPS, ints on CUDA
     counts = torch.histc(sorted_ids.float() if on_cpu else sorted_ids.int(), bins=num_experts, min=0, max=num_experts - 1)
-    return counts, torch.cumsum(counts, dim=0, dtype=torch.int32)
+    return torch.cumsum(counts, dim=0, dtype=torch.int32)
 
 
 def _routing_args(base: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +73,28 @@ def _routing_args(base: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Ten
             "and top-k weights); expert-selective training does not support this family yet."
         )
     return index[0], weights[0]
+
+
+class _AddRows(torch.autograd.Function):
+    """``target.index_add_(0, rows, source)`` in place, keeping only ``rows`` for backward.
+
+    Written out because ``index_add_`` keeps its whole ``source`` for backward (a [S*N, out] tensor per projection)
+    and ``index_put_(accumulate=True)``, which does not, costs 150-230 us of CPU per call on CUDA (measured on an
+    H100; it sorts), and training steps at this scale are CPU-bound.
+    """
+
+    @staticmethod
+    def forward(ctx, target: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        target.index_add_(0, rows, source)
+        ctx.mark_dirty(target)
+        return target
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        grad_source = grad.index_select(0, rows) if ctx.needs_input_grad[2] else None
+        return (grad if ctx.needs_input_grad[0] else None), None, grad_source
 
 
 class SelectedExpertsLayer(nn.Module, LoraLayer):
@@ -117,6 +139,7 @@ class SelectedExpertsLayer(nn.Module, LoraLayer):
         # Non-persistent: derived from the selection, never part of a checkpoint.
         self.register_buffer("selected_ids", torch.tensor(ids, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("slot_range", torch.arange(len(ids), device=device), persistent=False)
+        self._ranges: dict[str, Any] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
@@ -232,29 +255,73 @@ class SelectedExpertsLayer(nn.Module, LoraLayer):
         top_k_index, top_k_weights = _routing_args(base, args, kwargs)
         return self._selected_forward(adapter, hidden_states, top_k_index, top_k_weights)
 
+    def _cached_range(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``arange(N)`` and, for each of the S*N window rows, its slot (selected expert) - reused across steps."""
+        key = (num_tokens, device)
+        if self._ranges.get("key") != key:
+            offsets = torch.arange(num_tokens, device=device)
+            self._ranges = {"key": key, "offsets": offsets, "slots": self.slot_range.repeat_interleave(num_tokens)}
+        return self._ranges["offsets"], self._ranges["slots"]
+
     def _selected_windows(
-        self, counts: torch.Tensor, offsets: torch.Tensor, num_tokens: int, total_rows: int, dtype: torch.dtype,
-        scaling: float,
+        self, sorted_ids: torch.Tensor, num_tokens: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Row windows of the selected experts in the expert-sorted rows, sized without a host sync.
 
-        Expert e's rows are contiguous, ``[offsets[e] - counts[e], offsets[e])``, and there are at most ``num_tokens``
-        of them (top-k picks distinct experts, so a token reaches e at most once). So a fixed window of
-        ``num_tokens`` rows from each selected expert's start covers all its rows; the part past its end is masked.
+        Expert e's rows are contiguous in the sorted order, and there are at most ``num_tokens`` of them (top-k picks
+        distinct experts, so a token reaches e at most once). A fixed window of ``num_tokens`` rows from each selected
+        expert's first row (found on the device) therefore covers all its rows; the part past its last row is masked.
 
-        Returns ``rows`` ([S*N] row indices, clamped in range) and ``scale`` ([S, N, 1]: LoRA scaling on real rows,
-        0 on padding).
+        Returns ``rows`` ([S*N] row indices, clamped in range) and ``mask`` ([S*N, 1]: 1 on the expert's rows, 0 on
+        padding).
         """
-        ends = offsets[self.selected_ids].long()
-        starts = ends - counts[self.selected_ids].long()
-        window = starts.unsqueeze(-1) + torch.arange(num_tokens, device=offsets.device)  # [S, N]
-        scale = (window < ends.unsqueeze(-1)).to(dtype).mul_(scaling).unsqueeze(-1)
-        return window.clamp_(max=total_rows - 1).view(-1), scale
+        offsets, _ = self._cached_range(num_tokens, sorted_ids.device)
+        starts = torch.searchsorted(sorted_ids, self.selected_ids).unsqueeze(-1)
+        ends = torch.searchsorted(sorted_ids, self.selected_ids, right=True).unsqueeze(-1)
+        window = starts + offsets  # [S, N]
+        mask = (window < ends).to(dtype).view(-1, 1)  # exact 0/1 in the compute dtype; scaling goes on B
+        return window.clamp_(max=sorted_ids.numel() - 1).view(-1), mask
 
-    def _lora_delta(self, adapter: str, name: str, low: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``(scale * low) @ B`` per selected expert: [S*N, out] LoRA outputs of the window rows (0 on padding)."""
+    def _lora_up(self, adapter: str, name: str, hidden: torch.Tensor, token_rows: torch.Tensor, mask: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+        """LoRA output of the window rows for the up projection, from token-level inputs ([S*N, out]).
+
+        A's product is taken once per token ([N, S*r], cheap), then each window row picks its token's block of its
+        own expert.
+        """
+        a = self.lora_A[adapter][name]
+        num_selected, rank, d_in = a.shape
+        low_tok = hidden @ a.to(hidden.dtype).view(num_selected * rank, d_in).t()
+        if num_selected == 1:
+            low = low_tok.index_select(0, token_rows)
+        else:
+            _, slots = self._cached_range(token_rows.numel() // num_selected, token_rows.device)
+            low = low_tok.view(-1, rank).index_select(0, token_rows * num_selected + slots)
+        return self._times_b(adapter, name, low, mask, dtype)
+
+    def _lora_down(self, adapter: str, name: str, act_rows: torch.Tensor, mask: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """LoRA output of the window rows for the down projection ([S*N, I] activated rows in, [S*N, out] out)."""
+        a = self.lora_A[adapter][name]
+        num_selected, rank, d_in = a.shape
+        if num_selected == 1:
+            low = act_rows @ a.to(act_rows.dtype).view(rank, d_in).t()
+        else:
+            low = torch.bmm(act_rows.view(num_selected, -1, d_in), a.to(act_rows.dtype).transpose(1, 2)).view(-1, rank)
+        return self._times_b(adapter, name, low, mask, dtype)
+
+    def _times_b(self, adapter: str, name: str, low: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(mask * low) @ (scaling * B)`` per selected expert; ``low`` is [S*N, r], the result [S*N, out].
+
+        The scaling is applied to B in its own (float32) precision before the cast, as PEFT applies it to the delta.
+        """
         b = self.lora_B[adapter][name]
-        return torch.bmm((low * scale).to(dtype), b.to(dtype)).view(-1, b.shape[-1])
+        num_selected, rank, d_out = b.shape
+        low = (low * mask).to(dtype)
+        b = (b * self.scaling[adapter]).to(dtype)
+        if num_selected == 1:
+            return low @ b.view(rank, d_out)
+        return torch.bmm(low.view(num_selected, -1, rank), b).view(-1, d_out)
 
     def _effective(self, adapter: str, name: str) -> torch.Tensor:
         """Base tensor ``name`` with the full-mode deltas of the selected experts added (a new tensor)."""
@@ -276,32 +343,22 @@ class SelectedExpertsLayer(nn.Module, LoraLayer):
         sorted_ids, perm = torch.sort(expert_ids)
         token_of_row = perm // top_k
         rows_in = hidden_states[token_of_row]
-        counts, offsets = _expert_offsets(sorted_ids, self.num_experts)
+        offsets = _expert_offsets(sorted_ids, self.num_experts)
 
         up = _grouped_linear(rows_in, self._effective(adapter, up_name), offsets, self.is_transposed)
         if f"{up_name}_bias" in self.bias_names:
             up = up + self._effective(adapter, f"{up_name}_bias")[sorted_ids]
         if lora:
-            rows, scale = self._selected_windows(
-                counts, offsets, num_tokens, expert_ids.numel(), hidden_states.dtype, self.scaling[adapter]
-            )
-            # A's product once per token ([N, S*r], cheap), then each window row takes its token's block of its expert
-            a_up = self.lora_A[adapter][up_name]
-            low_tok = (hidden_states @ a_up.to(hidden_states.dtype).reshape(-1, a_up.shape[-1]).t()).view(
-                num_tokens, a_up.shape[0], -1
-            )
-            low = low_tok[token_of_row[rows].view(a_up.shape[0], -1), self.slot_range.unsqueeze(-1)]  # [S, N, r]
-            up = up.index_add_(0, rows, self._lora_delta(adapter, up_name, low, scale, up.dtype))
+            rows, mask = self._selected_windows(sorted_ids, num_tokens, hidden_states.dtype)
+            token_rows = token_of_row.index_select(0, rows)
+            up = _AddRows.apply(up, rows, self._lora_up(adapter, up_name, hidden_states, token_rows, mask, up.dtype))
         act = base._apply_gate(up) if getattr(base, "has_gate", True) else base.act_fn(up)
 
         out = _grouped_linear(act, self._effective(adapter, down_name), offsets, self.is_transposed)
         if f"{down_name}_bias" in self.bias_names:
             out = out + self._effective(adapter, f"{down_name}_bias")[sorted_ids]
-        if lora:
-            a_down = self.lora_A[adapter][down_name]
-            act_rows = act[rows].view(a_down.shape[0], -1, act.shape[-1])  # [S, N, I]: only the windows are kept
-            low = torch.bmm(act_rows, a_down.to(act.dtype).transpose(1, 2))
-            out = out.index_add_(0, rows, self._lora_delta(adapter, down_name, low, scale, out.dtype))
+        if lora:  # only the window rows of the activations are kept for backward
+            out = _AddRows.apply(out, rows, self._lora_down(adapter, down_name, act.index_select(0, rows), mask, out.dtype))
         if getattr(base, "has_post_expert_norm", False):
             out = base.post_expert_norm(out)
 

@@ -50,16 +50,16 @@ CACHE_VERSION = 1
 _INFO_FILE = "pretrain_info.json"
 _MODEL_NAMES = ("target", "retrain")
 
-#: Architecture defaults: a handful of layers, 8 experts, top-2, small hidden size. Sized so that both models
-#: memorise the "small" benchmark in about a minute each on 2 CPU cores.
+#: Architecture defaults: 4 layers, 8 experts, top-2, hidden size 64 (0.55 M parameters). Measured: enough to
+#: memorise the "full" benchmark (800 facts) perfectly, and twice as fast on CPU as hidden size 128.
 DEFAULT_MODEL_KWARGS: dict[str, Any] = dict(
-    hidden_size=128,
+    hidden_size=64,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
-    head_dim=32,
-    intermediate_size=256,  # unused (every layer is MoE) but kept small
-    moe_intermediate_size=128,
+    head_dim=16,
+    intermediate_size=128,  # unused (every layer is MoE) but kept small
+    moe_intermediate_size=64,
     num_experts=8,
     num_experts_per_tok=2,
     norm_topk_prob=True,
@@ -87,13 +87,13 @@ class PretrainSettings:
         seed: seeds the model initialisation and the data order.
     """
 
-    epochs: float = 60.0
+    epochs: float = 25.0
     max_steps: int = -1
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     lr_scheduler_type: str = "cosine"
-    batch_size: int = 32
+    batch_size: int = 16
     max_length: int = 128
     seed: int = 0
 
@@ -102,8 +102,9 @@ class PretrainSettings:
         """Settings for a benchmark size (``"micro"``, ``"small"``, ``"full"``), with any field overridden."""
         presets: dict[str, dict[str, Any]] = {
             "micro": dict(max_steps=4, batch_size=8),
-            "small": dict(epochs=60.0),
-            "full": dict(epochs=40.0),
+            # Measured (see docs): the target answers >= 0.95 of its forget MCQs, the retrain model ~chance.
+            "small": dict(),  # the defaults
+            "full": dict(epochs=30.0, batch_size=32),
         }
         if size not in presets:
             raise MoEUnlearnError(f"Unknown pre-training size {size!r}; choose one of {sorted(presets)}.")
@@ -171,16 +172,25 @@ def _resolve_config(model_config: transformers.PretrainedConfig | dict[str, Any]
     return model_config
 
 
+# TrainingArguments fields that do not change the trained weights (paths, logging, device choice).
+_ARGS_NOT_IN_KEY = frozenset({"output_dir", "logging_dir", "use_cpu", "hub_token", "report_to", "disable_tqdm",
+                              "logging_steps", "logging_strategy", "logging_first_step"})
+
+
 def cache_key(spec: BenchmarkSpec, config: transformers.PretrainedConfig, settings: PretrainSettings) -> str:
     """A short hash of everything that determines the pre-trained models.
 
-    Library versions are part of it: a new transformers or torch may initialise or train differently.
+    The full ``TrainingArguments`` built from ``settings`` are hashed, not only ``settings``, so that a change
+    of the training recipe in this module invalidates old caches by itself. Library versions are part of it
+    too: a new transformers or torch may initialise or train differently.
     """
+    args = _training_arguments(settings, Path("unused"), device=None).to_dict()
     payload = {
         "cache_version": CACHE_VERSION,
         "spec": spec.to_dict(),
         "model_config": json.loads(config.to_json_string(use_diff=False)),
         "settings": asdict(settings),
+        "training_arguments": {k: v for k, v in args.items() if k not in _ARGS_NOT_IN_KEY},
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]},
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
@@ -229,9 +239,12 @@ def _training_arguments(settings: PretrainSettings, output_dir: Path, device: st
         data_seed=settings.seed,
         use_cpu=device == "cpu",
         save_strategy="no",
-        logging_steps=0.05,
+        logging_steps=0.1,
         report_to="none",
         disable_tqdm=True,
+        # Passages (~60 tokens) and QA texts (~20) differ in length: batching similar lengths avoids
+        # spending most of a QA batch on padding.
+        train_sampling_strategy="group_by_length",
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
     )
@@ -316,11 +329,18 @@ def _train_pair(benchmark: SyntheticBenchmark, tokenizer: PreTrainedTokenizerFas
         texts = training_texts(benchmark, include_forget=(name == "target"))
         records[name] = _train_one(texts, tokenizer, config, settings, scratch / name, device)
     info = {"key": final.name, "spec": benchmark.spec.to_dict(), "settings": asdict(settings),
+            "model_config": json.loads(config.to_json_string(use_diff=True)),
             "models": records, "transformers": transformers.__version__, "torch": torch.__version__,
             "datasets": datasets.__version__}
     (scratch / _INFO_FILE).write_text(json.dumps(info, indent=2))
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(scratch, final)
+    try:
+        os.replace(scratch, final)
+    except OSError:
+        # Another process finished the same key first (same inputs, so the same models): keep theirs.
+        if not (final / _INFO_FILE).is_file():
+            raise
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_pretrained_pair(directory: str | Path, *, device: str | None = None, reused: bool = True) -> PretrainedPair:
@@ -427,8 +447,8 @@ def measure_pretrain_quality(pair: PretrainedPair, benchmark: SyntheticBenchmark
     accuracy = {name: {split: round(_choice_accuracy(model, pair.tokenizer, getattr(benchmark, f"{split}_mcq")), 4)
                        for split in ("forget", "retain")}
                 for name, model in (("target", pair.target), ("retrain", pair.retrain))}
-    concentration = _concentration(pair.target, pair.tokenizer, benchmark.forget_text["text"],
-                                   benchmark.retain_text["text"])
+    concentration = _concentration(pair.target, pair.tokenizer, list(benchmark.forget_text["text"]),
+                                   list(benchmark.retain_text["text"]))
     return {"mcq_accuracy": accuracy, "chance": 0.25, "forget_concentration": concentration}
 
 
@@ -441,7 +461,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output-dir", default="runs/bench-pretrain")
     parser.add_argument("--device", default=None)
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own). On a busy machine 1 is much faster than 2: "
+                             "threads of tiny ops spin-wait on each other.")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # this command is the caller here: its choice to make
     benchmark = make_benchmark(BenchmarkSpec.preset(args.size, seed=args.seed, forget=args.forget))
     start = time.perf_counter()
     pair = pretrain_models(benchmark, args.output_dir, settings=PretrainSettings.preset(args.size),
