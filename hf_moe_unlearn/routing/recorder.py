@@ -70,6 +70,9 @@ def parse_router_output(output, layer: MoELayer) -> RoutingOutput:
     return RoutingOutput(logits, weights.reshape(indices.shape), indices)
 
 
+ACCUMULATORS = ("hits", "prob_sum", "gate_sum", "seq_gate_mean_sum")
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass, i.e. when gradient checkpointing re-runs a forward.
 
@@ -125,7 +128,6 @@ class RouterRecorder:
         self.current_logits: dict[int, torch.Tensor] = {}
         self.current_weights: dict[int, torch.Tensor] = {}
         self._handles: list = []
-        self._acc: dict[str, dict[int, torch.Tensor]] = {}
         self._tokens: torch.Tensor | None = None
         self._sequences: torch.Tensor | None = None
         self.reset()
@@ -151,14 +153,16 @@ class RouterRecorder:
 
     def reset(self) -> None:
         """Zero the accumulated statistics (the hooks stay attached)."""
-        self._acc = {"hits": {}, "prob_sum": {}, "gate_sum": {}, "seq_gate_mean_sum": {}}
+        # Per layer one [4, E] float64 accumulator: rows hits, prob_sum, gate_sum, seq_gate_mean_sum.
+        self._acc: dict[int, torch.Tensor] = {}
         self._tokens = None
         self._sequences = None
-        self._counted_layer: int | None = None
+        self._coeffs = None
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Mask [batch, seq] of the tokens to count in the next forward(s); None counts every token."""
         self.mask = mask
+        self._coeffs = None
 
     # --- the hook ----------------------------------------------------------------------------------
     def _make_hook(self, layer: MoELayer):
@@ -176,63 +180,57 @@ class RouterRecorder:
 
         return hook
 
-    def _record(self, layer: MoELayer, routing: RoutingOutput) -> None:
-        n, num_experts = routing.logits.shape
-        device = routing.logits.device
+    def _token_coefficients(self, n: int, device: torch.device, name: str) -> torch.Tensor:
+        """[2, N] per-token coefficients, the same for every layer of a forward, so computed once per mask:
+        row 0 = counted (mask), row 1 = mask / (counted tokens of the token's sequence) for Eq. 2's per-sequence
+        mean. Also adds the forward's token and sequence counts (on device, no sync)."""
+        if self._coeffs is not None and self._coeffs.shape[1] == n and self._coeffs.device == device:
+            return self._coeffs
         if self.mask is not None:
             if self.mask.numel() != n:
                 raise MoEUnlearnError(
-                    f"The recorder's mask has {self.mask.numel()} positions but router {layer.router_name} saw {n} "
-                    f"tokens. Set the mask to the [batch, seq] attention/label mask of the batch being run."
+                    f"The recorder's mask has {self.mask.numel()} positions but router {name} saw {n} tokens. "
+                    f"Set the mask to the [batch, seq] attention/label mask of the batch being run."
                 )
             mask2d = self.mask.to(device=device, dtype=torch.float32).reshape(self.mask.shape[0], -1)
         else:
             mask2d = torch.ones(1, n, device=device)
-        mask = mask2d.reshape(-1)
-        # Top-k gate weights as a dense [N, E] matrix (zero off the top-k): scatter, not boolean indexing.
-        gates = torch.zeros(n, num_experts, device=device, dtype=torch.float32)
-        gates.scatter_(1, routing.indices, routing.weights.float())
-        hits = torch.zeros(n, num_experts, device=device, dtype=torch.float32)
-        hits.scatter_(1, routing.indices, 1.0)
-        probs = expert_scores(routing.logits.detach(), layer.score_fn)
-        acc = self._acc
-        key = layer.index
-        weighted = mask[:, None]
-        self._add(acc["hits"], key, (hits * weighted).sum(0))
-        self._add(acc["prob_sum"], key, (probs * weighted).sum(0))
-        self._add(acc["gate_sum"], key, (gates * weighted).sum(0))
-        # Per-sequence mean gate (Eq. 2): sum over the sequence's counted tokens / its token count.
-        seq_len = mask2d.shape[1]
-        per_seq = (gates.reshape(-1, seq_len, num_experts) * mask2d[..., None]).sum(1)
         counts = mask2d.sum(1, keepdim=True)
-        self._add(acc["seq_gate_mean_sum"], key, (per_seq / counts.clamp_min(1.0)).sum(0))
-        # Token and sequence totals are the same for every layer: count them once per forward, at the first layer.
-        if self._counted_layer is None:
-            self._counted_layer = key
-        if key == self._counted_layer:
-            tokens = mask.sum().to(torch.float64)
-            sequences = (counts > 0).sum().to(torch.float64)
-            self._tokens = tokens if self._tokens is None else self._tokens + tokens
-            self._sequences = sequences if self._sequences is None else self._sequences + sequences
+        self._coeffs = torch.stack([mask2d.reshape(-1), (mask2d / counts.clamp_min(1.0)).reshape(-1)])
+        tokens = counts.sum().to(torch.float64)
+        sequences = (counts > 0).sum().to(torch.float64)
+        self._tokens = tokens if self._tokens is None else self._tokens + tokens
+        self._sequences = sequences if self._sequences is None else self._sequences + sequences
+        return self._coeffs
 
-    @staticmethod
-    def _add(table: dict[int, torch.Tensor], key: int, value: torch.Tensor) -> None:
-        value = value.to(torch.float64)
-        if key in table:
-            table[key].add_(value)
+    def _record(self, layer: MoELayer, routing: RoutingOutput) -> None:
+        # Few kernels per layer (no bincount, .item() or boolean indexing): the top-k weights and hits as one
+        # dense [N, 2E] matrix, then one matmul with the per-token coefficients gives all sums at once.
+        n, num_experts = routing.logits.shape
+        device = routing.logits.device
+        coeffs = self._token_coefficients(n, device, layer.router_name)
+        dense = torch.zeros(n, 2 * num_experts, device=device, dtype=torch.float32)
+        dense[:, :num_experts].scatter_(1, routing.indices, routing.weights.float())
+        dense[:, num_experts:].scatter_(1, routing.indices, 1.0)
+        sums = coeffs @ dense  # [2, 2E]: (counted, per-sequence) x (gates, hits)
+        probs = coeffs[0] @ expert_scores(routing.logits.detach(), layer.score_fn)  # [E]
+        rows = torch.stack([sums[0, num_experts:], probs, sums[0, :num_experts], sums[1, :num_experts]])
+        if layer.index in self._acc:
+            self._acc[layer.index].add_(rows.to(torch.float64))
         else:
-            table[key] = value.clone()
+            self._acc[layer.index] = rows.to(torch.float64)
 
     # --- results -----------------------------------------------------------------------------------
     def raw_tensors(self) -> dict[str, torch.Tensor]:
         """Accumulators stacked as tensors ([L, E] each, plus ``tokens``/``sequences``), still on device:
         the form to all-reduce across processes before :meth:`stats`."""
-        if self._tokens is None:
+        if self._tokens is None or not self._acc:
             raise MoEUnlearnError(
                 "The recorder counted no token: no forward ran inside it, or every token was masked out "
                 "(padding / no labels). Check the data: empty texts, or labels that are all -100."
             )
-        out = {name: torch.stack([table[l.index] for l in self.layers]) for name, table in self._acc.items()}
+        stacked = torch.stack([self._acc[l.index] for l in self.layers])  # [L, 4, E]
+        out = {name: stacked[:, row] for row, name in enumerate(ACCUMULATORS)}
         out["tokens"] = self._tokens.reshape(1)
         out["sequences"] = self._sequences.reshape(1)
         return out
