@@ -44,14 +44,8 @@ SIZES = {
                     num_experts_per_tok=2),
         batch=4, seq=128, dtype="float32",
     ),
-    # 0.49B parameters: hidden 1024, 8 layers, 32 experts top-4; moe_intermediate 512, 16 heads (4 KV) of 64 and a
-    # 32k vocabulary bring it to 0.490B (a 151k vocabulary would make the LM head, not the experts, the model).
-    "gpu": dict(
-        config=dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
-                    vocab_size=32000, intermediate_size=2816, moe_intermediate_size=512, num_experts=32,
-                    num_experts_per_tok=4),
-        batch=8, seq=1024, dtype="bfloat16",
-    ),
+    # The 0.49B Qwen3-MoE of every GPU figure (hf_moe_unlearn.moe.tiny.benchmark_qwen3_moe_config).
+    "gpu": dict(config=None, batch=8, seq=1024, dtype="bfloat16"),
 }
 SEUF_LAYER = 6
 
@@ -66,8 +60,13 @@ class Variant:
 def build_model(size: str, device: torch.device) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from hf_moe_unlearn.moe.tiny import benchmark_qwen3_moe_config
+
     spec = SIZES[size]
-    config = AutoConfig.for_model("qwen3_moe", **spec["config"], tie_word_embeddings=False)
+    if spec["config"] is None:
+        config = benchmark_qwen3_moe_config()
+    else:
+        config = AutoConfig.for_model("qwen3_moe", **spec["config"], tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec["dtype"]))
@@ -314,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = SIZES[args.size]
     probe = build_model(args.size, torch.device("meta"))
     total = sum(p.numel() for p in probe.parameters())
-    print(f"model: qwen3_moe {spec['config']}, {total / 1e9:.3f}B params, {spec['dtype']}, "
+    shape = {k: getattr(probe.config, k) for k in ("hidden_size", "num_hidden_layers", "num_experts",
+                                                     "num_experts_per_tok", "moe_intermediate_size", "vocab_size")}
+    print(f"model: qwen3_moe {shape}, {total / 1e9:.3f}B params, {spec['dtype']}, "
           f"batch {spec['batch']}x{spec['seq']} tokens; {args.steps} timed steps after {args.warmup} warm-up, "
           f"{args.repeats} repeats")
     del probe

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import string
 
-import torch
 from tokenizers import Tokenizer, decoders, models, processors
-from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen3MoeForCausalLM
+
+from hf_moe_unlearn.moe import tiny_moe_model
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 LETTER_MERGES = [(" ", letter) for letter in "ABCD"]
@@ -35,27 +36,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_moe_lm(seed: int = 0) -> Qwen3MoeForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen3MoeConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=VOCAB_SIZE,
-        intermediate_size=64,
-        moe_intermediate_size=32,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        # Larger initial weights than the default 0.02 make the random model's predictions peaked
-        # rather than near-uniform, so argmax ties (which could differ between batched and unbatched
-        # runs by float rounding) do not occur.
-        initializer_range=0.5,
-    )
-    model = Qwen3MoeForCausalLM(config)
-    model.eval()
+    # Larger initial weights than the default 0.02 make the random model's predictions peaked rather than
+    # near-uniform, so argmax ties (which could differ between batched and unbatched runs by float rounding)
+    # do not occur.
+    model = tiny_moe_model("qwen3_moe", seed=seed, vocab_size=VOCAB_SIZE, max_position_embeddings=1024,
+                           initializer_range=0.5)
     return model
