@@ -247,3 +247,16 @@ def test_gradient_checkpointing_and_accumulation(tmp_path, tiny_tokenizer):
     assert np.isfinite(logged["loss"]) and "route/L1E0/retain" in logged
     # the embeddings never require grad: the backward stops at the lowest selected layer
     assert not trainer.model.get_input_embeddings().weight.requires_grad
+
+
+def test_bf16_mixed_precision(tmp_path, tiny_tokenizer):
+    trainer = _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, bf16=True, forget_loss="npo", max_steps=1)
+    trainer.train()
+    assert np.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_forget_examples_without_counted_tokens(tmp_path, tiny_tokenizer):
+    # answers cut off entirely by max_length: no example keeps a label-bearing token
+    forget = [{"prompt": "w1 w2 w3 w4 w5 w6", "answer": "w7"} for _ in range(3)]
+    with pytest.raises(MoEUnlearnError, match="No example of the forget set has a label-bearing token"):
+        _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget=forget, max_length=4)

@@ -86,14 +86,15 @@ class _AddRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, target: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(rows)
-        target.index_add_(0, rows, source)
+        ctx.source_dtype = source.dtype  # under autocast the LoRA product and the base output can differ in dtype
+        target.index_add_(0, rows, source.to(target.dtype))
         ctx.mark_dirty(target)
         return target
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (rows,) = ctx.saved_tensors
-        grad_source = grad.index_select(0, rows) if ctx.needs_input_grad[2] else None
+        grad_source = grad.index_select(0, rows).to(ctx.source_dtype) if ctx.needs_input_grad[2] else None
         return (grad if ctx.needs_input_grad[0] else None), None, grad_source
 
 
