@@ -44,6 +44,10 @@ _EXPORTS = {
     "get_loss": "losses.registry",
     "list_losses": "losses.registry",
     "LossContext": "losses.context",
+    # evaluation
+    "register_metric": "evaluation.registry",
+    "get_metric": "evaluation.registry",
+    "list_metrics": "evaluation.registry",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

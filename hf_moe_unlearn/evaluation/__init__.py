@@ -30,6 +30,7 @@ from .prompts import chat_prompts, choices_prompt, knowmem_prompt, letters_promp
 from .registry import get_metric, list_metrics, register_metric
 from .report import plot_tradeoff, results_table
 from .rouge import rouge_l
+from .routing import routing_diagnostics
 from .scoring import generate_greedy, inference_mode, score_continuations, score_texts
 from .tofu import (
     aggregate_truth_ratios,
@@ -76,6 +77,7 @@ __all__ = [
     "register_metric",
     "results_table",
     "rouge_l",
+    "routing_diagnostics",
     "score_continuations",
     "score_texts",
     "truth_ratio",
