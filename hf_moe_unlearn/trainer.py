@@ -132,13 +132,10 @@ class MoEUnlearnTrainer(Trainer):
             processing_class=processing_class, **kwargs,
         )
         self.recorder = RouterRecorder(self.model, layers=self.selection.layers, accumulate=False, keep_current=True)
-        self.recorder.attach()
         self._rmu_layer = args.rmu_layer if args.rmu_layer is not None else min(self.selection.layers)
+        self._needs_hidden = args.forget_loss == "rmu" or args.retain_loss == "rmu_retain"
         self._captured_hidden: dict[str, torch.Tensor] = {}
         self._hidden_handle = None
-        if args.forget_loss == "rmu" or args.retain_loss == "rmu_retain":
-            block = self.moe_layers[self._rmu_layer].block
-            self._hidden_handle = block.register_forward_hook(self._capture_hidden)
         self._hidden_split = "forget"
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
 
@@ -228,6 +225,32 @@ class MoEUnlearnTrainer(Trainer):
             losses[f"weighting:{args.retain_weighting}"] = 1.0
         return losses
 
+    # ------------------------------------------------------------------------------------------- hooks
+    def _attach_hooks(self) -> None:
+        """Router hooks (and RMU's hidden-state hook) live only while training: a model handed back to the user
+        carries no hook that points into this trainer (it could not be deep-copied or pickled otherwise)."""
+        self.recorder.attach()
+        if self._needs_hidden and self._hidden_handle is None:
+            block = self.moe_layers[self._rmu_layer].block
+            self._hidden_handle = block.register_forward_hook(self._capture_hidden)
+
+    def _detach_hooks(self) -> None:
+        self.recorder.detach()
+        self.recorder.current_logits.clear()
+        self.recorder.current_indices.clear()
+        self.recorder.current_weights.clear()
+        self._captured_hidden.clear()
+        if self._hidden_handle is not None:
+            self._hidden_handle.remove()
+            self._hidden_handle = None
+
+    def train(self, *args: Any, **kwargs: Any):
+        self._attach_hooks()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._detach_hooks()
+
     # ----------------------------------------------------------------------------------- forward helpers
     def _capture_hidden(self, module, inputs, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
@@ -275,6 +298,7 @@ class MoEUnlearnTrainer(Trainer):
     # ----------------------------------------------------------------------------------------- the loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: MoEUnlearnConfig = self.args
+        self._attach_hooks()  # no-op during train(); needed when called directly
         forget, retain = _split(inputs)
         forget_logits = self._forward(model, forget, "forget")
         router_logits = {l: self.recorder.current_logits[l] for l in self.selection.layers}
@@ -288,7 +312,7 @@ class MoEUnlearnTrainer(Trainer):
         ctx = LossContext(
             forget_batch=forget, retain_batch=retain, forget_logits=forget_logits, retain_logits=retain_logits,
             config=args, reference_logits=reference, idk_logits=self._idk_provider(model, forget),
-            hidden_states=hidden if self._hidden_handle is not None else None,
+            hidden_states=hidden if self._needs_hidden else None,
             router_logits=router_logits, selected_experts=self.selection.experts,
             score_fn={l: self.moe_layers[l].score_fn for l in self.selection.layers},
             retain_topk=retain_topk, critical_ratios=self.critical_ratios,
@@ -308,6 +332,7 @@ class MoEUnlearnTrainer(Trainer):
             loss = loss + args.anchor_loss_weight * anchor
             self._metrics["anchor_loss"].append(anchor.detach())
         self._log_routing(ctx, forget, forget_topk)
+        self._captured_hidden.clear()  # the autograd graph keeps what backward needs
         return (loss, {"logits": forget_logits}) if return_outputs else loss
 
     def _idk_provider(self, model, forget):
@@ -382,13 +407,6 @@ class MoEUnlearnTrainer(Trainer):
         model = unwrap_peft(self.model)
         if hasattr(model, "card_info"):
             model.card_info["eval_results"] = dict(results)
-
-    def __del__(self) -> None:
-        recorder = getattr(self, "recorder", None)
-        if recorder is not None:
-            recorder.detach()
-        if getattr(self, "_hidden_handle", None) is not None:
-            self._hidden_handle.remove()
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

@@ -260,3 +260,14 @@ def test_forget_examples_without_counted_tokens(tmp_path, tiny_tokenizer):
     forget = [{"prompt": "w1 w2 w3 w4 w5 w6", "answer": "w7"} for _ in range(3)]
     with pytest.raises(MoEUnlearnError, match="No example of the forget set has a label-bearing token"):
         _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget=forget, max_length=4)
+
+
+def test_trained_model_carries_no_trainer_hooks(tmp_path, tiny_tokenizer):
+    import copy
+
+    trainer = _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss="rmu", retain_loss="rmu_retain",
+                       max_steps=1)
+    trainer.train()
+    merged = trainer.model.merge_and_unload()
+    assert all(not m._forward_hooks for m in merged.modules())
+    copy.deepcopy(merged)  # RMU's captured hidden states once made this fail
