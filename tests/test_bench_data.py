@@ -11,7 +11,6 @@ from torch import nn
 from hf_moe_unlearn.bench.pretrain import (
     PretrainSettings,
     _choice_accuracy,
-    _expert_counts,
     cache_key,
     default_model_config,
     measure_pretrain_quality,
@@ -287,15 +286,6 @@ def test_measure_pretrain_quality_reports_both_models(micro_pair):
     conc = quality["forget_concentration"]
     assert conc["uniform"] == 2 / 4 and len(conc["layers"]) == 2
     assert all(conc["uniform"] <= layer["forget_share"] <= 1.0 for layer in conc["layers"])  # top-k >= uniform
-
-
-def test_expert_counts_count_k_picks_per_real_token(micro_pair):
-    _, _, _, pair = micro_pair
-    texts = ["The virus", "Question: What is the natural host of it?"]  # different lengths: padding is masked
-    counts = _expert_counts(pair.target, pair.tokenizer, texts, batch_size=2)
-    n_tokens = sum(len(pair.tokenizer(t)["input_ids"]) for t in texts)
-    assert counts.shape == (2, 4)
-    assert counts.sum(dim=1).tolist() == [2 * n_tokens] * 2
 
 
 class _FavourToken(nn.Module):

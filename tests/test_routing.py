@@ -13,6 +13,7 @@ from hf_moe_unlearn.routing import (
     ExpertStats,
     RouterRecorder,
     attribute_experts,
+    forget_concentration,
     parse_router_output,
     select_explicit,
     select_seuf,
@@ -252,3 +253,13 @@ def test_selection_validation_and_json(tmp_path):
         ExpertSelection({0: []})
     with pytest.raises(MoEUnlearnError, match="another model"):
         sel.validate(tiny_moe_model("qwen2_moe", num_hidden_layers=3))
+
+
+def test_forget_concentration_hand_computed():
+    forget = _stats([[8, 6, 4, 2], [5, 5, 5, 5]])  # 10 tokens, k=2: shares f/2
+    retain = _stats([[2, 6, 6, 6], [5, 5, 5, 5]])
+    conc = forget_concentration(forget, retain)
+    assert conc["uniform"] == 0.5
+    assert conc["layers"][0] == {"layer": 0, "experts": [0, 1], "forget_share": 0.7, "retain_share": 0.4}
+    assert conc["layers"][1]["forget_share"] == 0.5
+    assert conc["mean_forget_share"] == 0.6

@@ -390,52 +390,15 @@ def _choice_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
 
 
 @torch.no_grad()
-def _expert_counts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: list[str],
-                   batch_size: int = 16) -> torch.Tensor:
-    """[layers, experts] how many top-k picks of non-padding tokens each expert got, via router hooks."""
-    layers = model.model.layers
-    n_experts = model.config.num_experts
-    counts = torch.zeros(len(layers), n_experts, dtype=torch.long)
-    mask_holder: dict[str, torch.Tensor] = {}
-
-    def hook_for(i: int):
-        def hook(_module, _inputs, output):
-            # Take the indices as the integer tensor of the output, not by position (families differ).
-            indices = next(t for t in output if not torch.is_floating_point(t))
-            keep = mask_holder["mask"].reshape(-1).bool()
-            counts[i] += torch.bincount(indices[keep].reshape(-1).cpu(), minlength=n_experts)
-        return hook
-
-    handles = [layer.mlp.gate.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    try:
-        device = next(model.parameters()).device
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start: start + batch_size], padding=True, return_tensors="pt").to(device)
-            mask_holder["mask"] = enc["attention_mask"]
-            model(**enc)
-    finally:
-        for h in handles:
-            h.remove()
-    return counts
-
-
 def _concentration(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, forget_texts: list[str],
                    retain_texts: list[str]) -> dict[str, Any]:
-    """Per layer: the share of forget-token picks taken by the forget set's top-k experts, vs. uniform.
+    """Per layer: the share of forget-token picks taken by the forget set's top-k experts, and the same experts'
+    share of retain-token picks (routing statistics from the package's own recorder)."""
+    from ..routing import attribute_experts, forget_concentration
 
-    The same experts' share of retain-token picks is reported next to it: forget data concentrating on
-    experts that retain data uses less is what expert-selective unlearning relies on.
-    """
-    k = model.config.num_experts_per_tok
-    forget, retain = (_expert_counts(model, tokenizer, t).float() for t in (forget_texts, retain_texts))
-    per_layer = []
-    for f, r in zip(forget, retain):
-        top = f.topk(k).indices
-        per_layer.append({"experts": top.tolist(), "forget_share": round((f[top].sum() / f.sum()).item(), 4),
-                          "retain_share": round((r[top].sum() / r.sum()).item(), 4)})
-    return {"uniform": k / model.config.num_experts, "layers": per_layer,
-            "mean_forget_share": round(sum(p["forget_share"] for p in per_layer) / len(per_layer), 4),
-            "mean_retain_share": round(sum(p["retain_share"] for p in per_layer) / len(per_layer), 4)}
+    stats = [attribute_experts(model, texts, tokenizer, show_progress=False, name=name)
+             for texts, name in ((forget_texts, "forget set"), (retain_texts, "retain set"))]
+    return forget_concentration(*stats)
 
 
 def measure_pretrain_quality(pair: PretrainedPair, benchmark: SyntheticBenchmark) -> dict[str, Any]:

@@ -436,7 +436,7 @@ def run_benchmark(
         ``{"rows": {run: metrics}, "per_seed": ..., "paths": ..., "wall_seconds": ..., ...}``.
     """
     from ..evaluation import plot_tradeoff, results_table
-    from ..routing import attribute_experts
+    from ..routing import attribute_experts, forget_concentration
     from .pretrain import PretrainSettings, pretrain_models
 
     names = resolve_methods(methods)
@@ -455,6 +455,9 @@ def run_benchmark(
     log(f"[bench] pre-trained pair {'loaded from cache' if pair.reused else 'trained'} in {pretrain_seconds:.0f}s")
     data = _eval_data(benchmark, budget)
     before = attribute_experts(pair.target, data.forget_texts, tokenizer, show_progress=False, name="forget set")
+    concentration = forget_concentration(
+        before, attribute_experts(pair.target, list(benchmark.retain_text["text"]), tokenizer, show_progress=False,
+                                  name="retain set"))
 
     rows = _reference_rows(pair, tokenizer, data, budget, seeds[0])
     per_seed: dict[str, list[dict[str, Any]]] = {}
@@ -485,7 +488,7 @@ def run_benchmark(
         "rows": table_rows, "per_seed": per_seed, "columns": list(COLUMNS), "methods": names, "seeds": seeds,
         "size": size, "forget_setting": spec.forget, "benchmark_spec": spec.to_dict(), "budget": asdict(budget),
         "pretrain_key": pair.key, "pretrain_reused": pair.reused, "pretrain_seconds": pretrain_seconds,
-        "wall_seconds": wall, "torch_threads": torch.get_num_threads(),
+        "wall_seconds": wall, "torch_threads": torch.get_num_threads(), "forget_concentration": concentration,
         "device": str(next(pair.target.parameters()).device),
         "paths": {k: str(v) for k, v in paths.items()}, "table": table,
     }
@@ -502,6 +505,10 @@ def _markdown_report(result: dict[str, Any]) -> str:
         f"Device: {result['device']}, torch threads: {result['torch_threads']}. "
         f"Wall time: {result['wall_seconds']:.0f}s (pre-training {result['pretrain_seconds']:.0f}s, "
         f"{'cached' if result['pretrain_reused'] else 'trained'}).\n\n"
+        f"Forget concentration (target): per layer, the forget set's top-k experts take "
+        f"{result['forget_concentration']['mean_forget_share']:.2f} of forget-token picks and "
+        f"{result['forget_concentration']['mean_retain_share']:.2f} of retain-token picks (uniform "
+        f"{result['forget_concentration']['uniform']:.2f}).\n\n"
         "Lower is better: forget_mcq, forget_knowmem, verbmem, ppl_general, relearn_mcq. Higher: forget_quality, "
         "retain_knowmem, utility_mcq. privleak: closer to 0. Reference rows: target (nothing forgotten) and "
         "retrain (never saw the forget set). routing_share: '–' when every expert was trained.\n\n"

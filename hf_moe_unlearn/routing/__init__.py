@@ -3,6 +3,7 @@
 from .attribution import (
     attribute_experts,
     concentration,
+    forget_concentration,
     merge_selections,
     select_explicit,
     select_seuf,
@@ -21,6 +22,7 @@ __all__ = [
     "attribute_experts",
     "concentration",
     "expert_scores",
+    "forget_concentration",
     "merge_selections",
     "parse_router_output",
     "select_explicit",

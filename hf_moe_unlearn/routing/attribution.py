@@ -235,6 +235,27 @@ def merge_selections(primary: ExpertSelection, secondary: ExpertSelection) -> Ex
     )
 
 
+def forget_concentration(forget: ExpertStats, retain: ExpertStats) -> dict[str, Any]:
+    """How much the forget set concentrates on few experts: per layer, the share of forget-token picks taken by
+    the forget set's top-k experts, next to the share of retain-token picks the same experts take (uniform: k/E).
+    Expert-selective unlearning relies on the first being high and the second low."""
+    forget.check_compatible(retain)
+    layers = []
+    for i, layer in enumerate(forget.layers):
+        k = forget.top_k[i]
+        f_f, f_r = forget.frequency(layer), retain.frequency(layer)
+        top = np.argsort(-f_f, kind="stable")[:k]
+        layers.append({"layer": layer, "experts": [int(e) for e in top],
+                       "forget_share": round(float(f_f[top].sum() / k), 4),
+                       "retain_share": round(float(f_r[top].sum() / k), 4)})
+    return {
+        "uniform": forget.top_k[0] / forget.num_experts[0],
+        "layers": layers,
+        "mean_forget_share": round(sum(l["forget_share"] for l in layers) / len(layers), 4),
+        "mean_retain_share": round(sum(l["retain_share"] for l in layers) / len(layers), 4),
+    }
+
+
 def concentration(stats: ExpertStats, top: int = 2) -> dict[int, float]:
     """Per layer, the share of routed slots taken by the ``top`` most used experts divided by ``top/E``
     (1.0 = uniform routing; higher = the dataset concentrates on few experts)."""
