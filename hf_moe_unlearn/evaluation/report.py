@@ -70,9 +70,14 @@ def plot_tradeoff(
     figure = Figure(figsize=(6, 4.5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
+    # Runs that land on the same point (e.g. methods that did not move the model) share one stacked label, so
+    # the names stay readable instead of overprinting each other.
+    labels: dict[tuple[float, float], list[str]] = {}
     for name, x, y in points:
         axes.scatter([x], [y], s=36)
-        axes.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        labels.setdefault((round(x, 6), round(y, 6)), []).append(name)
+    for (x, y), names in labels.items():
+        axes.annotate("\n".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, va="bottom")
     axes.set_xlabel(x_metric)
     axes.set_ylabel(y_metric)
     axes.set_title(title or f"{y_metric} vs {x_metric}")
