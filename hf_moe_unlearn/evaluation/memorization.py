@@ -76,9 +76,8 @@ def exact_memorization(
     add_special_tokens: bool = True,
 ) -> dict[str, Any]:
     """Mean exact memorisation of ``answers`` given ``prompts``, with per-example values."""
-    scores = _score("exact_memorization", model, tokenizer, prompts, answers, batch_size, add_special_tokens)
-    values = [exact_memorization_from_ids(s.argmax_ids, s.target_ids) for s in scores]
-    return {"exact_memorization": mean(values), "per_example": values}
+    return _teacher_forced("exact_memorization", exact_memorization_from_ids, model, tokenizer, prompts, answers,
+                           batch_size, add_special_tokens)
 
 
 @register_metric("extraction_strength")
@@ -92,9 +91,15 @@ def extraction_strength(
     add_special_tokens: bool = True,
 ) -> dict[str, Any]:
     """Mean extraction strength of ``answers`` given ``prompts``, with per-example values."""
-    scores = _score("extraction_strength", model, tokenizer, prompts, answers, batch_size, add_special_tokens)
-    values = [extraction_strength_from_ids(s.argmax_ids, s.target_ids) for s in scores]
-    return {"extraction_strength": mean(values), "per_example": values}
+    return _teacher_forced("extraction_strength", extraction_strength_from_ids, model, tokenizer, prompts, answers,
+                           batch_size, add_special_tokens)
+
+
+def _teacher_forced(name, from_ids, model, tokenizer, prompts, answers, batch_size, add_special_tokens) -> dict:
+    """Score answers teacher-forced and apply a per-example ``from_ids(argmax_ids, target_ids)`` measure."""
+    scores = _score(name, model, tokenizer, prompts, answers, batch_size, add_special_tokens)
+    values = [from_ids(s.argmax_ids, s.target_ids) for s in scores]
+    return {name: mean(values), "per_example": values}
 
 
 @register_metric("perplexity")
