@@ -109,6 +109,7 @@ class MoEUnlearnTrainer(Trainer):
                 f"columns and an 'idk' column."
             )
         base = unwrap_model(model)
+        self._stats_cache: dict[str, Any] = {}
         if hasattr(model, "expert_selection"):  # already an ExpertPeftModel
             self.selection = model.expert_selection
         else:
@@ -173,19 +174,25 @@ class MoEUnlearnTrainer(Trainer):
                     max_tokens=args.attribution_max_tokens, show_progress=not args.disable_tqdm,
                     accelerator=state if state.num_processes > 1 else None)
 
-    @classmethod
-    def _resolve_selection(cls, base, args, selection, forget, retain, tokenizer) -> ExpertSelection:
+    def _routing_stats(self, split: str, base, data, tokenizer, args):
+        """Attribution statistics of the forget or retain set, computed once per trainer (the selection and
+        TRACE's ratios may both need them)."""
+        if split not in self._stats_cache:
+            self._stats_cache[split] = attribute_experts(base, data, tokenizer, name=f"{split} set",
+                                                         **self._attribution_kwargs(args))
+        return self._stats_cache[split]
+
+    def _resolve_selection(self, base, args, selection, forget, retain, tokenizer) -> ExpertSelection:
         if selection is not None:
             return ExpertSelection.coerce(selection)
         if args.selection:
             return ExpertSelection.load(args.selection)
-        common = cls._attribution_kwargs(args)
-        forget_stats = attribute_experts(base, forget, tokenizer, name="forget set", **common)
+        forget_stats = self._routing_stats("forget", base, forget, tokenizer, args)
         if args.selection_method == "seuf":
             return select_seuf(forget_stats, top_m=args.seuf_top_m, per_layer=args.seuf_per_layer)
         if retain is None:
             raise MoEUnlearnError("selection_method='trace' needs a retain dataset to compare routing against.")
-        retain_stats = attribute_experts(base, retain, tokenizer, name="retain set", **common)
+        retain_stats = self._routing_stats("retain", base, retain, tokenizer, args)
         return select_trace(forget_stats, retain_stats, tau=args.trace_tau, rho=args.trace_rho,
                             top_m=args.trace_top_m, max_layers=args.trace_max_layers)
 
@@ -197,9 +204,8 @@ class MoEUnlearnTrainer(Trainer):
         if ratios and all(e in ratios.get(l, {}) for l, e in self.selection.pairs):
             return {l: {e: ratios[l][e] for e in ids} for l, ids in self.selection.experts.items()}
         # e.g. a SEUF selection with TRACE weighting: measure both datasets' routing of the selected experts.
-        common = self._attribution_kwargs(args)
-        table = trace_scores(attribute_experts(base, forget, tokenizer, name="forget set", **common),
-                             attribute_experts(base, retain, tokenizer, name="retain set", **common))
+        table = trace_scores(self._routing_stats("forget", base, forget, tokenizer, args),
+                             self._routing_stats("retain", base, retain, tokenizer, args))
         self.selection.stats.update({name: {l: {e: float(table[name][l][e]) for e in ids}
                                             for l, ids in self.selection.experts.items()}
                                      for name in ("f_forget", "f_retain", "ratio")})
