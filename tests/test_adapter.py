@@ -131,16 +131,7 @@ torch.set_num_threads(1)
 manifest = json.load(open(sys.argv[1]))
 exec(manifest["modulelist_source"])  # the ModuleList MoE block, as remote code would define it
 
-def changes(before, after, num_experts):
-    out = {}
-    for key, value in after.items():
-        if torch.equal(value, before[key]):
-            continue
-        if ".experts." in key and value.dim() >= 2 and value.shape[0] == num_experts and not key.split(".experts.")[1][0].isdigit():
-            out[key] = sorted({int(i) for i in (value != before[key]).flatten(1).any(1).nonzero().flatten()})
-        else:
-            out[key] = True
-    return out
+exec(manifest["changes_source"])  # the same _changes the in-process check uses
 
 results = {}
 for case in manifest["cases"]:
@@ -167,7 +158,7 @@ for case in manifest["cases"]:
         "class": type(model).__name__,
         "logits": (logits - expected["logits"]).abs().max().item(),
         "merged": (merged_logits - expected["logits"]).abs().max().item(),
-        "changes": changes(before, merged.state_dict(), case["num_experts"]),
+        "changes": _changes(before, merged.state_dict(), case["num_experts"]),
     }
 results["hf_moe_unlearn imported"] = any(m.split(".")[0] == "hf_moe_unlearn" for m in sys.modules)
 json.dump(results, open(sys.argv[2], "w"))
@@ -208,7 +199,8 @@ def trained(tmp_path_factory):
         manifest.append({"name": name, "base": str(base_dir), "adapter": str(adapter_dir), "expected": str(expected),
                          "modulelist": family == "modulelist", "num_experts": num_experts})
     source = inspect.getsource(tiny_module.ListExpertMLP) + "\n" + inspect.getsource(tiny_module.ListExpertsMoeBlock)
-    (root / "manifest.json").write_text(json.dumps({"cases": manifest, "modulelist_source": "import torch\n" + source}))
+    (root / "manifest.json").write_text(json.dumps({"cases": manifest, "modulelist_source": "import torch\n" + source,
+                                                    "changes_source": inspect.getsource(_changes)}))
     (root / "load.py").write_text(_SUBPROCESS)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
