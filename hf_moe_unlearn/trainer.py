@@ -244,7 +244,6 @@ class MoEUnlearnTrainer(Trainer):
         self.recorder.detach()
         self.recorder.current_logits.clear()
         self.recorder.current_indices.clear()
-        self.recorder.current_weights.clear()
         self._captured_hidden.clear()
         if self._hidden_handle is not None:
             self._hidden_handle.remove()

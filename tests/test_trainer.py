@@ -10,7 +10,7 @@ from hf_moe_unlearn.config import MoEUnlearnConfig
 from hf_moe_unlearn.errors import MoEUnlearnError
 from hf_moe_unlearn.losses import register_loss
 from hf_moe_unlearn.losses.registry import unregister_loss
-from hf_moe_unlearn.moe import find_moe_layers, tiny_moe_model
+from hf_moe_unlearn.moe import tiny_moe_model
 from hf_moe_unlearn.routing import ExpertSelection
 from hf_moe_unlearn.trainer import MoEUnlearnTrainer
 

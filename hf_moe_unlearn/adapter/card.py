@@ -98,7 +98,7 @@ def build_model_card(
         "",
         f"- **Unlearning method:** {method}",
         f"- **Losses:** {_losses_text(losses)}",
-        f"- **Trained parameters:** " + (f"LoRA (rank {r}) on the selected experts" if mode == "lora"
+        "- **Trained parameters:** " + (f"LoRA (rank {r}) on the selected experts" if mode == "lora"
                                          else "full weights of the selected experts"),
         f"- **Expert selection:** {selection.method}, {len(selection)} expert(s) in {len(selection.layers)} layer(s)",
         "",

@@ -2,9 +2,7 @@
 
 from .attribution import (
     attribute_experts,
-    concentration,
     forget_concentration,
-    merge_selections,
     select_explicit,
     select_seuf,
     select_trace,
@@ -20,10 +18,8 @@ __all__ = [
     "RouterRecorder",
     "RoutingOutput",
     "attribute_experts",
-    "concentration",
     "expert_scores",
     "forget_concentration",
-    "merge_selections",
     "parse_router_output",
     "select_explicit",
     "select_seuf",

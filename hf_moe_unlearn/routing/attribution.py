@@ -218,23 +218,6 @@ def select_explicit(model: nn.Module, experts: dict[int, list[int]]) -> ExpertSe
     return selection
 
 
-def merge_selections(primary: ExpertSelection, secondary: ExpertSelection) -> ExpertSelection:
-    """Union of two selections (e.g. SEUF's expert plus TRACE's statistics), keeping both records."""
-    experts = {layer: list(ids) for layer, ids in primary.experts.items()}
-    for layer, ids in secondary.experts.items():
-        experts[layer] = sorted(set(experts.get(layer, [])) | set(ids))
-    stats = {**secondary.stats, **primary.stats}
-    scores = {**secondary.scores, **primary.scores}
-    return ExpertSelection(
-        experts=experts,
-        method=f"{primary.method}+{secondary.method}",
-        scores=scores,
-        stats=stats,
-        model_fingerprint=primary.model_fingerprint,
-        params={primary.method: primary.params, secondary.method: secondary.params},
-    )
-
-
 def forget_concentration(forget: ExpertStats, retain: ExpertStats) -> dict[str, Any]:
     """How much the forget set concentrates on few experts: per layer, the share of forget-token picks taken by
     the forget set's top-k experts, next to the share of retain-token picks the same experts take (uniform: k/E).
@@ -254,14 +237,3 @@ def forget_concentration(forget: ExpertStats, retain: ExpertStats) -> dict[str, 
         "mean_forget_share": round(sum(l["forget_share"] for l in layers) / len(layers), 4),
         "mean_retain_share": round(sum(l["retain_share"] for l in layers) / len(layers), 4),
     }
-
-
-def concentration(stats: ExpertStats, top: int = 2) -> dict[int, float]:
-    """Per layer, the share of routed slots taken by the ``top`` most used experts divided by ``top/E``
-    (1.0 = uniform routing; higher = the dataset concentrates on few experts)."""
-    out = {}
-    for i, layer in enumerate(stats.layers):
-        freq = np.sort(stats.frequency(layer))[::-1]
-        share = freq[:top].sum() / max(freq.sum(), 1e-12)
-        out[layer] = float(share / (top / stats.num_experts[i]))
-    return out

@@ -126,7 +126,6 @@ class RouterRecorder:
         self.enabled = True
         self.current_indices: dict[int, torch.Tensor] = {}
         self.current_logits: dict[int, torch.Tensor] = {}
-        self.current_weights: dict[int, torch.Tensor] = {}
         self._handles: list = []
         self._tokens: torch.Tensor | None = None
         self._sequences: torch.Tensor | None = None
@@ -173,7 +172,6 @@ class RouterRecorder:
             if self.keep_current:
                 self.current_indices[layer.index] = routing.indices.detach()
                 self.current_logits[layer.index] = routing.logits
-                self.current_weights[layer.index] = routing.weights.detach()
             if self.accumulate:
                 with torch.no_grad():
                     self._record(layer, routing)
