@@ -408,6 +408,34 @@ def test_gradients_equal_peft_reference_implementation(family):
         assert torch.allclose(ours_grads[key], grad, atol=1e-7, rtol=1e-4), key
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("experts", [[2], [0, 2]])
+def test_input_gradient_equals_the_merged_experts(family, experts):
+    """The gradient our layer passes down to the layer input (what lower selected layers train on) equals that of
+    transformers' own experts forward with the adapter merged into the weights; one selected expert takes the
+    matmul path, several the batched one."""
+    model = tiny_moe_model(family)
+    router = find_moe_layers(model)[1].router
+    peft_model = get_expert_peft_model(model, {1: experts}, init_lora_weights=False)
+    layer = peft_model.fast_layers()["model.layers.1.mlp.experts"]
+    x = torch.randn(40, 64, requires_grad=True)
+    with torch.no_grad():
+        outputs = router(x)
+    index = next(t for t in outputs if not t.is_floating_point())
+    weights = next(t for t in outputs[1:] if t.is_floating_point())
+    assert any((index == e).any() for e in experts)
+    ours = layer(x, index, weights)
+    (ours_grad,) = torch.autograd.grad(ours.square().sum(), x)
+    layer.merge()
+    merged = layer.get_base_layer()(x, index, weights)
+    (merged_grad,) = torch.autograd.grad(merged.square().sum(), x)
+    assert torch.allclose(ours, merged, atol=1e-5)
+    assert torch.allclose(ours_grad, merged_grad, atol=1e-5)
+    layer.unmerge()  # the stock experts without the adapter: a different gradient, so the check above has teeth
+    (base_grad,) = torch.autograd.grad(layer.get_base_layer()(x, index, weights).square().sum(), x)
+    assert not torch.allclose(ours_grad, base_grad, atol=1e-5)
+
+
 def test_backward_stops_below_the_lowest_selected_layer():
     model = tiny_moe_model("qwen3_moe", num_hidden_layers=4)
     peft_model = get_expert_peft_model(model, {2: [1]})

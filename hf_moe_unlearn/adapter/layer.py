@@ -8,9 +8,13 @@ row-wise, only where it belongs:
 
 - LoRA mode: after the sort, each selected expert's rows are one contiguous window, of at most ``tokens`` rows.
   A fixed window of that size per selected expert (its start read on the device, the padding masked) goes through
-  ``x @ A_e^T @ B_e^T`` and is ``index_add``-ed to the gate/up output *before* the activation (and to the down
+  ``x @ A_e^T @ B_e^T`` and is scatter-added to the gate/up output *before* the activation (and to the down
   output): exactly ``x @ (W_e + s B_e A_e)^T``. Cost O(S * tokens * r * (in + out)); the only weight gradients
   are those of A and B, and only the window rows are kept for backward.
+
+At the sizes people train on one GPU the step is bound by the CPU that launches kernels, not by the GPU, so every
+aten call added per layer counts: the extra work per selected layer is about 17 kernels forward and 19 backward (plus
+~30 free view ops), and no Python ``autograd.Function``.
 - Full mode: the effective weight ``W.index_add(0, selected, delta)`` is passed to the same ``grouped_mm``; the
   trainable ``delta`` holds only the S selected experts.
 
@@ -75,27 +79,16 @@ def _routing_args(base: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Ten
     return index[0], weights[0]
 
 
-class _AddRows(torch.autograd.Function):
-    """``target.index_add_(0, rows, source)`` in place, keeping only ``rows`` for backward.
+def _add_rows_(target: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``target[rows[i]] += source[i]`` in place, keeping only ``rows`` for backward.
 
-    Written out because ``index_add_`` keeps its whole ``source`` for backward (a [S*N, out] tensor per projection)
-    and ``index_put_(accumulate=True)``, which does not, costs 150-230 us of CPU per call on CUDA (measured on an
-    H100; it sorts), and training steps at this scale are CPU-bound.
+    ``scatter_add_`` with the row index expanded along the features (a stride-0 view, no memory) rather than
+    ``index_add_``, whose autograd keeps the whole ``source`` (a [S*N, out] tensor per projection), or
+    ``index_put_(accumulate=True)``, which sorts (150-230 us of CPU per call on an H100, and steps at this scale are
+    CPU-bound). Its backward is one ``gather``.
     """
-
-    @staticmethod
-    def forward(ctx, target: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rows)
-        ctx.source_dtype = source.dtype  # under autocast the LoRA product and the base output can differ in dtype
-        target.index_add_(0, rows, source.to(target.dtype))
-        ctx.mark_dirty(target)
-        return target
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (rows,) = ctx.saved_tensors
-        grad_source = grad.index_select(0, rows).to(ctx.source_dtype) if ctx.needs_input_grad[2] else None
-        return (grad if ctx.needs_input_grad[0] else None), None, grad_source
+    index = rows.unsqueeze(-1).expand(-1, target.shape[-1])
+    return target.scatter_add_(0, index, source.to(target.dtype))
 
 
 class SelectedExpertsLayer(nn.Module, LoraLayer):
@@ -138,8 +131,9 @@ class SelectedExpertsLayer(nn.Module, LoraLayer):
         ids = sorted({int(e) for e in expert_ids})
         device = getattr(base, self.weight_names[0]).device
         # Non-persistent: derived from the selection, never part of a checkpoint.
-        self.register_buffer("selected_ids", torch.tensor(ids, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("slot_range", torch.arange(len(ids), device=device), persistent=False)
+        ids_tensor = torch.tensor(ids, dtype=torch.long, device=device)
+        self.register_buffer("selected_ids", ids_tensor, persistent=False)
+        self.register_buffer("window_bounds", torch.cat([ids_tensor, ids_tensor + 1]), persistent=False)
         self._ranges: dict[str, Any] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
@@ -256,16 +250,17 @@ class SelectedExpertsLayer(nn.Module, LoraLayer):
         top_k_index, top_k_weights = _routing_args(base, args, kwargs)
         return self._selected_forward(adapter, hidden_states, top_k_index, top_k_weights)
 
-    def _cached_range(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``arange(N)`` and, for each of the S*N window rows, its slot (selected expert) - reused across steps."""
-        key = (num_tokens, device)
-        if self._ranges.get("key") != key:
-            offsets = torch.arange(num_tokens, device=device)
-            self._ranges = {"key": key, "offsets": offsets, "slots": self.slot_range.repeat_interleave(num_tokens)}
-        return self._ranges["offsets"], self._ranges["slots"]
+    def _window_offsets(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """``arange(num_tokens)``, kept between steps (the batch shape rarely changes), with ``slots``: for each of
+        the S*N window rows, which selected expert it belongs to."""
+        if self._ranges.get("key") != (num_tokens, device):
+            num_selected = len(self.selected_ids)
+            self._ranges = {"key": (num_tokens, device), "offsets": torch.arange(num_tokens, device=device),
+                            "slots": torch.arange(num_selected, device=device).repeat_interleave(num_tokens)}
+        return self._ranges["offsets"]
 
     def _selected_windows(
-        self, sorted_ids: torch.Tensor, num_tokens: int, dtype: torch.dtype
+        self, sorted_ids: torch.Tensor, num_tokens: int, scaling: float, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Row windows of the selected experts in the expert-sorted rows, sized without a host sync.
 
@@ -273,56 +268,54 @@ class SelectedExpertsLayer(nn.Module, LoraLayer):
         distinct experts, so a token reaches e at most once). A fixed window of ``num_tokens`` rows from each selected
         expert's first row (found on the device) therefore covers all its rows; the part past its last row is masked.
 
-        Returns ``rows`` ([S*N] row indices, clamped in range) and ``mask`` ([S*N, 1]: 1 on the expert's rows, 0 on
-        padding).
+        Returns ``rows`` ([S*N] row indices, clamped in range) and ``scale`` ([S*N, 1]: the LoRA scaling on the
+        expert's rows, 0 on padding). One ``searchsorted`` finds both ends: for integer ids, the first row past
+        expert e is the first row of a value >= e + 1 (``window_bounds`` holds ``[ids, ids + 1]``).
         """
-        offsets, _ = self._cached_range(num_tokens, sorted_ids.device)
-        starts = torch.searchsorted(sorted_ids, self.selected_ids).unsqueeze(-1)
-        ends = torch.searchsorted(sorted_ids, self.selected_ids, right=True).unsqueeze(-1)
-        window = starts + offsets  # [S, N]
-        mask = (window < ends).to(dtype).view(-1, 1)  # exact 0/1 in the compute dtype; scaling goes on B
-        return window.clamp_(max=sorted_ids.numel() - 1).view(-1), mask
+        bounds = torch.searchsorted(sorted_ids, self.window_bounds).view(2, -1, 1)
+        window = bounds[0] + self._window_offsets(num_tokens, sorted_ids.device)  # [S, N]
+        scale = (window < bounds[1]).to(dtype).mul_(scaling).view(-1, 1)
+        return window.clamp_(max=sorted_ids.numel() - 1).view(-1), scale
 
-    def _lora_up(self, adapter: str, name: str, hidden: torch.Tensor, token_rows: torch.Tensor, mask: torch.Tensor,
+    def _low_up(self, adapter: str, name: str, hidden: torch.Tensor, token_of_row: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
+        """``x @ A_e^T`` for the window rows of the up projection ([S*N, r]), from the token-level inputs.
+
+        The rank-r product is taken once per token ([N, S*r]) and each window row picks its token's block of its own
+        expert: autograd then keeps ``hidden`` (the layer input, which the router's gradient keeps anyway), not a
+        gathered [S*N, in] copy of it.
+        """
+        a = self._cast(self.lora_A[adapter][name], hidden.dtype)
+        num_selected, rank, d_in = a.shape
+        low_tok = torch.nn.functional.linear(hidden, a.view(num_selected * rank, d_in))
+        token_rows = token_of_row.index_select(0, rows)
+        if num_selected == 1:
+            return low_tok.index_select(0, token_rows)
+        return low_tok.view(-1, rank).index_select(0, token_rows * num_selected + self._ranges["slots"])
+
+    def _low_down(self, adapter: str, name: str, act_rows: torch.Tensor) -> torch.Tensor:
+        """``a @ A_e^T`` for the activated window rows of the down projection ([S*N, I] in, [S*N, r] out)."""
+        a = self._cast(self.lora_A[adapter][name], act_rows.dtype)
+        num_selected, rank, d_in = a.shape
+        if num_selected == 1:
+            return torch.nn.functional.linear(act_rows, a.view(rank, d_in))
+        return torch.bmm(act_rows.view(num_selected, -1, d_in), a.transpose(1, 2)).view(-1, rank)
+
+    def _times_b(self, adapter: str, name: str, low: torch.Tensor, scale: torch.Tensor,
                  dtype: torch.dtype) -> torch.Tensor:
-        """LoRA output of the window rows for the up projection, from token-level inputs ([S*N, out]).
-
-        A's product is taken once per token ([N, S*r], cheap), then each window row picks its token's block of its
-        own expert.
-        """
-        a = self.lora_A[adapter][name]
-        num_selected, rank, d_in = a.shape
-        low_tok = hidden @ a.to(hidden.dtype).view(num_selected * rank, d_in).t()
-        if num_selected == 1:
-            low = low_tok.index_select(0, token_rows)
-        else:
-            _, slots = self._cached_range(token_rows.numel() // num_selected, token_rows.device)
-            low = low_tok.view(-1, rank).index_select(0, token_rows * num_selected + slots)
-        return self._times_b(adapter, name, low, mask, dtype)
-
-    def _lora_down(self, adapter: str, name: str, act_rows: torch.Tensor, mask: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
-        """LoRA output of the window rows for the down projection ([S*N, I] activated rows in, [S*N, out] out)."""
-        a = self.lora_A[adapter][name]
-        num_selected, rank, d_in = a.shape
-        if num_selected == 1:
-            low = act_rows @ a.to(act_rows.dtype).view(rank, d_in).t()
-        else:
-            low = torch.bmm(act_rows.view(num_selected, -1, d_in), a.to(act_rows.dtype).transpose(1, 2)).view(-1, rank)
-        return self._times_b(adapter, name, low, mask, dtype)
-
-    def _times_b(self, adapter: str, name: str, low: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``(mask * low) @ (scaling * B)`` per selected expert; ``low`` is [S*N, r], the result [S*N, out].
-
-        The scaling is applied to B in its own (float32) precision before the cast, as PEFT applies it to the delta.
-        """
-        b = self.lora_B[adapter][name]
+        """``(scale * low) @ B_e^T`` per window ([S*N, r] in, [S*N, out] out). The mask-and-scale multiplies the
+        rank-r intermediate, the cheapest place for it."""
+        b = self._cast(self.lora_B[adapter][name], dtype)
         num_selected, rank, d_out = b.shape
-        low = (low * mask).to(dtype)
-        b = (b * self.scaling[adapter]).to(dtype)
+        low = (low * scale).to(dtype)
         if num_selected == 1:
             return low @ b.view(rank, d_out)
         return torch.bmm(low.view(num_selected, -1, rank), b).view(-1, d_out)
+
+    @staticmethod
+    def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Float32 adapter weights on a bf16/fp16 model (or under autocast) are cast per use, as PEFT does."""
+        return weight if weight.dtype == dtype else weight.to(dtype)
 
     def _effective(self, adapter: str, name: str) -> torch.Tensor:
         """Base tensor ``name`` with the full-mode deltas of the selected experts added (a new tensor)."""
@@ -350,16 +343,17 @@ class SelectedExpertsLayer(nn.Module, LoraLayer):
         if f"{up_name}_bias" in self.bias_names:
             up = up + self._effective(adapter, f"{up_name}_bias")[sorted_ids]
         if lora:
-            rows, mask = self._selected_windows(sorted_ids, num_tokens, hidden_states.dtype)
-            token_rows = token_of_row.index_select(0, rows)
-            up = _AddRows.apply(up, rows, self._lora_up(adapter, up_name, hidden_states, token_rows, mask, up.dtype))
+            rows, scale = self._selected_windows(sorted_ids, num_tokens, self.scaling[adapter], hidden_states.dtype)
+            low = self._low_up(adapter, up_name, hidden_states, token_of_row, rows)
+            up = _add_rows_(up, rows, self._times_b(adapter, up_name, low, scale, up.dtype))
         act = base._apply_gate(up) if getattr(base, "has_gate", True) else base.act_fn(up)
 
         out = _grouped_linear(act, self._effective(adapter, down_name), offsets, self.is_transposed)
         if f"{down_name}_bias" in self.bias_names:
             out = out + self._effective(adapter, f"{down_name}_bias")[sorted_ids]
         if lora:  # only the window rows of the activations are kept for backward
-            out = _AddRows.apply(out, rows, self._lora_down(adapter, down_name, act.index_select(0, rows), mask, out.dtype))
+            low = self._low_down(adapter, down_name, act.index_select(0, rows))
+            out = _add_rows_(out, rows, self._times_b(adapter, down_name, low, scale, out.dtype))
         if getattr(base, "has_post_expert_norm", False):
             out = base.post_expert_norm(out)
 
