@@ -12,9 +12,11 @@ Two scenarios on a Qwen3-MoE model with random weights (same seed for every vari
 - SEUF default: one expert in layer 6 of 8 (+ its router). Compared with the depth-limited ceiling (frozen except a
   negligible parameter added at layer 6's input, so the backward stops there).
 
-Each repeat runs every variant once, in the same order, and ratios are taken within a repeat (absolute throughput
-drifts between runs and machines). Memory: the real peak on CUDA, and on every device an estimate (parameters +
-gradients + optimizer state + tensors saved for backward) that needs no allocator statistics.
+Every variant is built once and stays resident; in each repeat the variants take turns of ``--block`` steps until
+each has run ``--steps``, and ratios are taken within a repeat, so drift in the machine's speed (+-10% over tens of
+seconds on shared machines) falls on all variants alike. Memory, measured once per variant while it is built: the real
+peak on CUDA (counted from what was allocated before the variant was built), and on every device an estimate
+(parameters + gradients + optimizer state + tensors saved for backward) that needs no allocator statistics.
 
 Imports only torch, transformers and peft (+ hf_moe_unlearn.adapter): the GPU machine has no trl/datasets/evaluate.
 """
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -185,35 +186,75 @@ def footprint_step(model, optimizer, batch, params) -> int:
     return weights + grads + state + sum(saved.values())
 
 
-def run_variant(variant: Variant, size: str, device: torch.device, steps: int, warmup: int) -> dict:
+@dataclass
+class Prepared:
+    """One variant, built and warmed up, kept resident so that its steps can be interleaved with the others'."""
+
+    variant: Variant
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    batch: torch.Tensor
+    trainable: int
+    peak: int | None  # bytes the variant added to the CUDA allocator's peak (None off CUDA)
+    estimate: int  # parameters + gradients + optimizer state + saved activations, any device
+    experts_impl: str | None
+
+
+def prepare_variant(variant: Variant, size: str, device: torch.device, warmup: int) -> Prepared:
+    """Build ``variant``, measure its memory over one step, warm it up.
+
+    The models of earlier variants stay resident (their gradients freed), so the peak counts from what was allocated
+    before this variant was built: the same figure as with this model alone on the device.
+    """
     gc.collect()
+    resident = 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    model = build_model(size, device)
-    model, params = variant.build(model)
-    trainable = sum(p.numel() for p in params)
+        resident = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    model, params = variant.build(build_model(size, device))
     optimizer = make_optimizer(params, device)
     spec = SIZES[size]
     generator = torch.Generator(device="cpu").manual_seed(1)
     batch = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=generator).to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     estimate = footprint_step(model, optimizer, batch, params)
     for _ in range(warmup):
         train_step(model, optimizer, batch)
     sync(device)
-    gc.disable()  # as timeit does: no collector pauses inside the timed loop
+    peak = torch.cuda.max_memory_allocated(device) - resident if device.type == "cuda" else None
+    impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    return Prepared(variant, model, optimizer, batch, sum(p.numel() for p in params), peak, estimate, impl)
+
+
+def time_steps(prepared: Prepared, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` training steps of one prepared variant (device synchronised at both ends)."""
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(model, optimizer, batch)
+        train_step(prepared.model, prepared.optimizer, prepared.batch)
     sync(device)
-    elapsed = time.perf_counter() - start
-    gc.enable()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
-    del model, optimizer, params
-    return {"tokens_per_s": spec["batch"] * spec["seq"] * steps / elapsed, "peak": peak, "estimate": estimate,
-            "trainable": trainable, "experts_impl": impl}
+    return time.perf_counter() - start
+
+
+def interleaved_throughput(prepared: list[Prepared], steps: int, block: int, device: torch.device,
+                           repeat: int) -> list[float]:
+    """Tokens/s of every variant over one repeat, timed in round-robin blocks of ``block`` steps.
+
+    Throughput on a shared machine drifts by +-10% over tens of seconds; running every variant for a few steps in
+    turn puts the same drift into each variant's total, so the ratios between them hold. The order rotates with
+    ``repeat`` so that no variant always follows the same one.
+    """
+    elapsed = [0.0] * len(prepared)
+    order = [(i + repeat) % len(prepared) for i in range(len(prepared))]
+    gc.disable()  # as timeit does: no collector pauses inside the timed loop
+    try:
+        for done in range(0, steps, block):
+            for i in order:
+                elapsed[i] += time_steps(prepared[i], min(block, steps - done), device)
+    finally:
+        gc.enable()
+    tokens = prepared[0].batch.numel() * steps
+    return [tokens / e for e in elapsed]
 
 
 CHECKS = [
@@ -296,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant and repeat")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--block", type=int, default=5,
+                        help="steps each variant runs in its turn; the variants take turns until --steps are done")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU intra-op threads (1 is steadier when other processes share the cores)")
     parser.add_argument("--profile", type=int, nargs="*", default=[],
@@ -322,31 +365,37 @@ def main(argv: list[str] | None = None) -> int:
     del probe
     sane = sanity_check(device, getattr(torch, spec["dtype"]))
 
-    results = [[run_variant(v, args.size, device, args.steps, args.warmup) for v in VARIANTS] for _ in range(args.repeats)]
-    print(f"experts implementation: {results[0][0]['experts_impl']}\n")
+    prepared = [prepare_variant(v, args.size, device, args.warmup) for v in VARIANTS]
+    speeds = [interleaved_throughput(prepared, args.steps, args.block, device, r) for r in range(args.repeats)]
+    print(f"experts implementation: {prepared[0].experts_impl}\n")
 
-    mem_key = "peak" if device.type == "cuda" else "estimate"
-    header = "| scenario | variant | trainable params | tokens/s per repeat | speed vs full FT | peak GiB | est. GiB | memory vs full FT |"
+    def memory(p: Prepared) -> int:
+        return p.peak if device.type == "cuda" else p.estimate
+
+    header = ("| scenario | variant | trainable params | tokens/s per repeat | speed vs full FT | peak GiB | est. GiB "
+              "| memory vs full FT |")
     print(header)
     print("|" + "---|" * 8)
-    for i, v in enumerate(VARIANTS):
-        rows = [rep[i] for rep in results]
-        tps = " / ".join(f"{r['tokens_per_s']:,.0f}" for r in rows)
-        speed = " / ".join(f"{r['tokens_per_s'] / rep[0]['tokens_per_s']:.2f}" for r, rep in zip(rows, results))
-        peak = " / ".join(f"{r['peak'] / 2**30:.2f}" for r in rows) if rows[0]["peak"] is not None else "n/a"
-        est = f"{statistics.mean(r['estimate'] for r in rows) / 2**30:.3f}"
-        mem = " / ".join(f"{r[mem_key] / rep[0][mem_key]:.2f}" for r, rep in zip(rows, results))
-        print(f"| {v.scenario} | {v.name} | {rows[0]['trainable']:,} | {tps} | {speed} | {peak} | {est} | {mem} |")
+    for i, p in enumerate(prepared):
+        tps = " / ".join(f"{rep[i]:,.0f}" for rep in speeds)
+        speed = " / ".join(f"{rep[i] / rep[0]:.2f}" for rep in speeds)
+        peak = f"{p.peak / 2**30:.2f}" if p.peak is not None else "n/a"
+        print(f"| {p.variant.scenario} | {p.variant.name} | {p.trainable:,} | {tps} | {speed} | {peak} | "
+              f"{p.estimate / 2**30:.3f} | {memory(p) / memory(prepared[0]):.2f} |")
 
-    print(f"\nchecks (ratio per repeat; memory = {'CUDA peak' if mem_key == 'peak' else 'estimate'}):")
+    print(f"\nchecks (speed: ratio per repeat; memory: {'CUDA peak' if device.type == 'cuda' else 'estimate'}):")
     failed = not sane
     for label, num, den, kind, bound in CHECKS:
-        key = "tokens_per_s" if kind == "speed" else mem_key
-        ratios = [rep[num][key] / rep[den][key] for rep in results]
-        ok = all(r >= bound for r in ratios) if kind == "speed" else all(r <= bound for r in ratios)
+        if kind == "speed":
+            ratios = [rep[num] / rep[den] for rep in speeds]
+            ok = all(r >= bound for r in ratios)
+        else:
+            ratios = [memory(prepared[num]) / memory(prepared[den])]
+            ok = ratios[0] <= bound
         failed |= not ok
         sign = ">=" if kind == "speed" else "<="
         print(f"  {'PASS' if ok else 'FAIL'}  {label}: {', '.join(f'{r:.2f}' for r in ratios)} (target {sign} {bound})")
+    del prepared
     for index in args.profile:
         profile_variant(VARIANTS[index], args.size, device)
     return 1 if failed else 0

@@ -152,7 +152,7 @@ class RouterRecorder:
 
     def reset(self) -> None:
         """Zero the accumulated statistics (the hooks stay attached)."""
-        # Per layer one [4, E] float64 accumulator: rows hits, prob_sum, gate_sum, seq_gate_mean_sum.
+        # Per layer one [2, 3E] float64 accumulator: (counted tokens, per-sequence mean) x (gates, hits, probs).
         self._acc: dict[int, torch.Tensor] = {}
         self._tokens = None
         self._sequences = None
@@ -202,21 +202,22 @@ class RouterRecorder:
         return self._coeffs
 
     def _record(self, layer: MoELayer, routing: RoutingOutput) -> None:
-        # Few kernels per layer (no bincount, .item() or boolean indexing): the top-k weights and hits as one
-        # dense [N, 2E] matrix, then one matmul with the per-token coefficients gives all sums at once.
+        # Few kernels per layer (no bincount, .item() or boolean indexing): the top-k gates, the hits and the full
+        # router probabilities as one dense [N, 3E] matrix, then one matmul with the per-token coefficients gives
+        # every sum at once, added in place to a float64 accumulator (float32 sums promoted by add_).
         n, num_experts = routing.logits.shape
         device = routing.logits.device
         coeffs = self._token_coefficients(n, device, layer.router_name)
-        dense = torch.zeros(n, 2 * num_experts, device=device, dtype=torch.float32)
-        dense[:, :num_experts].scatter_(1, routing.indices, routing.weights.float())
-        dense[:, num_experts:].scatter_(1, routing.indices, 1.0)
-        sums = coeffs @ dense  # [2, 2E]: (counted, per-sequence) x (gates, hits)
-        probs = coeffs[0] @ expert_scores(routing.logits.detach(), layer.score_fn)  # [E]
-        rows = torch.stack([sums[0, num_experts:], probs, sums[0, :num_experts], sums[1, :num_experts]])
+        dense = torch.zeros(n, 3 * num_experts, device=device, dtype=torch.float32)
+        top_k, hits, probs = dense.split(num_experts, dim=1)
+        top_k.scatter_(1, routing.indices, routing.weights.float())
+        hits.scatter_(1, routing.indices, 1.0)
+        probs.copy_(expert_scores(routing.logits.detach(), layer.score_fn))
+        sums = coeffs @ dense  # [2, 3E]: (counted, per-sequence mean) x (gates, hits, probabilities)
         if layer.index in self._acc:
-            self._acc[layer.index].add_(rows.to(torch.float64))
+            self._acc[layer.index].add_(sums)
         else:
-            self._acc[layer.index] = rows.to(torch.float64)
+            self._acc[layer.index] = sums.to(torch.float64)
 
     # --- results -----------------------------------------------------------------------------------
     def raw_tensors(self) -> dict[str, torch.Tensor]:
@@ -227,8 +228,10 @@ class RouterRecorder:
                 "The recorder counted no token: no forward ran inside it, or every token was masked out "
                 "(padding / no labels). Check the data: empty texts, or labels that are all -100."
             )
-        stacked = torch.stack([self._acc[l.index] for l in self.layers])  # [L, 4, E]
-        out = {name: stacked[:, row] for row, name in enumerate(ACCUMULATORS)}
+        stacked = torch.stack([self._acc[l.index] for l in self.layers])  # [L, 2, 3E]
+        gates, hits, probs = stacked.split(stacked.shape[-1] // 3, dim=-1)
+        # counted-token sums (row 0) of hits, probabilities and gates; per-sequence means (row 1) of the gates
+        out = dict(zip(ACCUMULATORS, (hits[:, 0], probs[:, 0], gates[:, 0], gates[:, 1])))
         out["tokens"] = self._tokens.reshape(1)
         out["sequences"] = self._sequences.reshape(1)
         return out
