@@ -13,8 +13,8 @@ row-wise, only where it belongs:
   are those of A and B, and only the window rows are kept for backward.
 
 At the sizes people train on one GPU the step is bound by the CPU that launches kernels, not by the GPU, so every
-aten call added per layer counts: the extra work per selected layer is about 16 kernels forward and 17 backward (plus
-~30 view ops that launch nothing), and no Python ``autograd.Function``.
+aten call added per layer counts: compared with transformers' own experts forward and backward, a selected layer adds
+about 16 kernels forward and 17 backward (plus ~30 view ops that launch nothing), and no Python ``autograd.Function``.
 - Full mode: the effective weight ``W.index_add(0, selected, delta)`` is passed to the same ``grouped_mm``; the
   trainable ``delta`` holds only the S selected experts.
 
