@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         failed |= not ok
         sign = ">=" if kind == "speed" else "<="
         print(f"  {'PASS' if ok else 'FAIL'}  {label}: {', '.join(f'{r:.2f}' for r in ratios)} (target {sign} {bound})")
-    del prepared
+    del prepared, p  # free every model before profiling builds its own
+    gc.collect()
     for index in args.profile:
         profile_variant(VARIANTS[index], args.size, device)
     return 1 if failed else 0
