@@ -15,8 +15,9 @@ row-wise, only where it belongs:
   trainable ``delta`` holds only the S selected experts.
 
 On an H100 the benchmark's 0.49B model (8x1024 tokens) trained at a rate set by the CPU that launches kernels, not
-by the GPU (docs/performance.md), so every aten call added per layer counts: compared with transformers' own experts forward and backward, a selected layer adds
-about 16 kernels forward and 17 backward (plus ~30 view ops that launch nothing), and no Python ``autograd.Function``.
+by the GPU (docs/performance.md), so every aten call added per layer counts: compared with transformers' own experts
+forward and backward, a selected layer adds about 16 kernels forward and 17 backward (plus ~30 view ops that launch
+nothing), and no Python ``autograd.Function``.
 
 Everything stays on the device: no ``nonzero``, boolean indexing or ``.item()`` (a host sync each), no Python loop
 over experts.
