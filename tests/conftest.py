@@ -22,6 +22,21 @@ def make_tiny_tokenizer():
     )
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module, restored afterwards (the thread count belongs to the caller).
+
+    Tiny models run fastest on one thread: two threads on a busy 2-core machine spin-wait, 10-100x slower per matmul.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tiny_tokenizer():
     return make_tiny_tokenizer()

@@ -40,13 +40,7 @@ CASES = [(f, "lora") for f in FAMILIES] + [(f, "full") for f in FULL_MODE_FAMILI
 INPUT_IDS = torch.arange(3, 3 + 2 * 11).remainder(120).add(3).view(2, 11)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is ~100x faster than two when another process shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(family: str, seed: int = 0):

@@ -33,16 +33,7 @@ TINY_MODEL = dict(hidden_size=32, head_dim=8, num_hidden_layers=2, moe_intermedi
                   max_position_embeddings=128)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models train fastest on one thread; two threads on a busy 2-core machine spin-wait ~10x slower.
-
-    Restored afterwards: the thread count belongs to the caller.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -52,13 +52,7 @@ from hf_moe_unlearn.evaluation.scoring import (
 from hf_moe_unlearn.evaluation.tofu import aggregate_truth_ratios, truth_ratio_from_nll
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny matrices are fastest on one thread; two threads on a busy 2-core machine spin for ms per matmul."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
