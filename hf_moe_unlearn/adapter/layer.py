@@ -252,12 +252,9 @@ class SelectedExpertsLayer(nn.Module, LoraLayer):
         return self._selected_forward(adapter, hidden_states, top_k_index, top_k_weights)
 
     def _window_offsets(self, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """``arange(num_tokens)``, kept between steps (the batch shape rarely changes), with ``slots``: for each of
-        the S*N window rows, which selected expert it belongs to."""
+        """``arange(num_tokens)``, kept between steps (the batch shape rarely changes)."""
         if self._ranges.get("key") != (num_tokens, device):
-            num_selected = len(self.selected_ids)
-            self._ranges = {"key": (num_tokens, device), "offsets": torch.arange(num_tokens, device=device),
-                            "slots": torch.arange(num_selected, device=device).repeat_interleave(num_tokens)}
+            self._ranges = {"key": (num_tokens, device), "offsets": torch.arange(num_tokens, device=device)}
         return self._ranges["offsets"]
 
     def _selected_windows(
@@ -292,7 +289,10 @@ class SelectedExpertsLayer(nn.Module, LoraLayer):
         token_rows = token_of_row.index_select(0, rows)
         if num_selected == 1:
             return low_tok.index_select(0, token_rows)
-        return low_tok.view(-1, rank).index_select(0, token_rows * num_selected + self._ranges["slots"])
+        # window s ([N] token ids) picks rows of expert s's block: gather along the tokens of the [S, N, r] view
+        per_expert = low_tok.view(-1, num_selected, rank).transpose(0, 1)
+        index = token_rows.view(num_selected, -1, 1).expand(-1, -1, rank)
+        return per_expert.gather(1, index).reshape(-1, rank)
 
     def _low_down(self, adapter: str, name: str, act_rows: torch.Tensor) -> torch.Tensor:
         """``a @ A_e^T`` for the activated window rows of the down projection ([S*N, I] in, [S*N, r] out)."""
