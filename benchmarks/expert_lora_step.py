@@ -330,14 +330,22 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type for counts that must be positive: zero repeats would pass every check without measuring."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant and repeat")
+    parser.add_argument("--repeats", type=_at_least_one, default=2)
+    parser.add_argument("--steps", type=_at_least_one, default=5, help="timed optimizer steps per variant and repeat")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--block", type=int, default=5,
+    parser.add_argument("--block", type=_at_least_one, default=5,
                         help="steps each variant runs in its turn; the variants take turns until --steps are done")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU intra-op threads (1 is steadier when other processes share the cores)")

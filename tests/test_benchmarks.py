@@ -41,3 +41,11 @@ def test_attribution_overhead_runs_and_counts_unpadded_tokens():
     # two recorded forwards (warm-up + one repeat) of 8 sequences x 128 positions, the last 16 of each padding
     assert "counted tokens 1,792" in result.stdout
     assert "ratio recorded/plain: median" in result.stdout
+
+
+def test_expert_lora_step_refuses_counts_that_would_measure_nothing():
+    # zero repeats would print PASS for every speed check without timing a step
+    for flag in ("--repeats", "--steps", "--block"):
+        result = _run("expert_lora_step.py", "--device", "cpu", flag, "0")
+        assert result.returncode == 2
+        assert f"argument {flag}: must be at least 1, got 0" in result.stderr
