@@ -49,3 +49,13 @@ def test_expert_lora_step_refuses_counts_that_would_measure_nothing():
         result = _run("expert_lora_step.py", "--device", "cpu", flag, "0")
         assert result.returncode == 2
         assert f"argument {flag}: must be at least 1, got 0" in result.stderr
+
+
+def test_expert_lora_ops_counts_what_each_selected_layer_adds():
+    result = _run("expert_lora_ops.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    added = {line.split(":")[0].strip(): float(line.split(":")[1].split()[0])
+             for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert set(added) == {"forward kernels", "forward views", "backward kernels", "backward views"}
+    # the LoRA products, the window search and the row scatter are real work over the frozen ceiling
+    assert added["forward kernels"] > 0 and added["backward kernels"] > 0
