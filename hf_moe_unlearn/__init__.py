@@ -21,6 +21,7 @@ _EXPORTS = {
     "find_moe_layers": "moe.layers",
     "supported_families": "moe.layers",
     "config_fingerprint": "moe.layers",
+    "register_router_score_fn": "moe.layers",
     "tiny_moe_model": "moe.tiny",
     "tiny_moe_config": "moe.tiny",
     # routing statistics and attribution

@@ -44,6 +44,9 @@ def _add_attribute_parser(sub) -> None:
     p.add_argument("--output", required=True, help="directory for selection.json, statistics and routing.png")
     p.add_argument("--top_m", type=int, default=1, help="experts to select (SEUF: globally; TRACE: per layer)")
     p.add_argument("--per_layer", action="store_true", help="SEUF: top-M in every layer instead of globally")
+    p.add_argument("--seuf_score", choices=["masked_softmax", "gate"], default="masked_softmax",
+                   help="SEUF Eq. 2's g: masked_softmax (the paper: router probabilities masked to the top-k, not "
+                        "renormalised) or gate (the gate weights the model applies)")
     p.add_argument("--tau", type=float, default=1.0, help="TRACE: forget frequency ≥ tau·k/E")
     p.add_argument("--rho", type=float, default=1.1, help="TRACE: forget/retain frequency ratio ≥ rho")
     p.add_argument("--max_layers", type=int, default=None, help="TRACE: keep only the N best layers")
@@ -69,7 +72,7 @@ def run_attribute(args: argparse.Namespace) -> int:
     forget = attribute_experts(model, forget_data, tokenizer, name="forget set", **common)
     retain = attribute_experts(model, retain_data, tokenizer, name="retain set", **common) if retain_data else None
     if args.method == "seuf":
-        selection = select_seuf(forget, top_m=args.top_m, per_layer=args.per_layer)
+        selection = select_seuf(forget, top_m=args.top_m, per_layer=args.per_layer, score=args.seuf_score)
     else:
         selection = select_trace(
             forget, retain, tau=args.tau, rho=args.rho, top_m=args.top_m, max_layers=args.max_layers

@@ -18,19 +18,27 @@ class MoEUnlearnConfig(TrainingArguments):
     r"""Configuration of :class:`~hf_moe_unlearn.MoEUnlearnTrainer`.
 
     Losses (the total is ``γ·L_forget + α·L_retain + α_anchor·L_anchor``):
-        forget_loss: registered forget loss: ``ga``, ``npo``, ``simnpo``, ``rmu``, ``idk`` or your own.
+        forget_loss: registered forget loss: ``ga``, ``npo``, ``simnpo``, ``rmu``, ``idk_nll``, ``idk_dpo`` or
+            your own.
         forget_loss_weight: γ.
         retain_loss: registered retain loss: ``nll`` (GradDiff), ``kl``, ``rmu_retain``, or ``none``.
         retain_loss_weight: α (GradDiff λ).
-        npo_beta, simnpo_beta, simnpo_delta: NPO / SimNPO temperatures and margin.
-        rmu_layer: decoder layer whose MoE output RMU steers (default: the lowest selected layer).
-        rmu_steering_coeff: RMU's c. rmu_seed: seed of its random direction.
+        npo_beta, simnpo_beta, simnpo_delta, idk_dpo_beta: NPO / SimNPO / IdkDPO temperatures and SimNPO's margin.
+        rmu_layer: decoder layer ℓ whose output hidden state (the residual stream, as the WMDP code's
+            ``model.layers[ℓ]`` hook) RMU steers towards ``c·u`` on forget tokens and keeps at the frozen model's on
+            retain tokens (``rmu_retain``, weight ``retain_loss_weight`` = WMDP's α). Default: the highest selected
+            layer; every trainable parameter must lie at or below ℓ (the loss cannot reach the others).
+        rmu_steering_coeff: RMU's c (6.5: the WMDP README's Zephyr-7B run, with α = 1200; the WMDP script's own
+            argparse defaults are c = 20, α = 100, layer 7, params of layers 5–7). rmu_seed: seed of u.
         kl_direction: ``model_to_ref`` = KL(pθ‖pref) (default) or ``ref_to_model`` (OpenUnlearning's).
         forget_loss_bound: stop training when |forget loss| exceeds this (or is NaN); None disables the bound.
 
     SEUF (router anchor):
         anchor_loss_weight: SEUF α on ``‖g − onehot(e*)‖²`` at the selected layers; 0 turns the anchor off.
+        anchor_form: ``masked_softmax`` (default, the paper's g: router probabilities masked to each token's
+            top-k, not renormalised) or ``full_softmax`` (the public SEUF code: before top-k masking).
         anchor_reduction: ``paper`` (sum over experts, Eq. 3–4) or ``code`` (mean, as the public SEUF code).
+            The public code's anchor is ``anchor_form="full_softmax", anchor_reduction="code"``.
 
     TRACE (retain reweighting):
         retain_weighting: ``none`` or ``trace`` (token-reweighted retain loss).
@@ -41,25 +49,36 @@ class MoEUnlearnConfig(TrainingArguments):
         selection: path to a saved ``selection.json`` (or a directory holding one). Wins over selection_method.
         selection_method: ``seuf`` or ``trace``, computed at the start of training from the datasets.
         seuf_top_m, seuf_per_layer: SEUF selection options (default: one expert over all layers).
+        seuf_score: what Eq. 2 averages: ``masked_softmax`` (default, the paper's top-k-masked router
+            probabilities) or ``gate`` (the gate weights as the model applies them: renormalised for Mixtral,
+            GPT-OSS and ``norm_topk_prob=True``, scaled for DeepSeek-V3 and PhiMoE).
         attribution_max_tokens: forget/retain tokens used for attribution (SEUF: ~100k suffice).
 
     What trains:
         adapter: ``lora`` (default) or ``full`` (full weights of the selected experts, as the SEUF paper).
         lora_r, lora_alpha: LoRA rank and alpha. train_router: also train the selected layers' routers.
+        deterministic_routing: keep the MoE blocks in eval mode during training (default True): routers with
+            train-mode noise (PhiMoE's jitter and sampled sparsemixer) would otherwise route the model differently
+            from its frozen reference, so NPO's log-ratio would not start at 0 and routing statistics would be noisy.
 
     Data:
         max_length: tokens per example (longer ones are cut).
     """
 
     # --- losses
-    forget_loss: str = field(default="ga", metadata={"help": "Forget loss: ga, npo, simnpo, rmu, idk (or registered)."})
+    forget_loss: str = field(default="ga", metadata={"help": "Forget loss: ga, npo, simnpo, rmu, idk_nll, idk_dpo (or registered)."})
     forget_loss_weight: float = field(default=1.0, metadata={"help": "γ, weight of the forget loss."})
     retain_loss: str = field(default="nll", metadata={"help": "Retain loss: nll, kl, rmu_retain or none."})
     retain_loss_weight: float = field(default=1.0, metadata={"help": "α, weight of the retain loss."})
     npo_beta: float = field(default=0.1, metadata={"help": "NPO β."})
     simnpo_beta: float = field(default=4.5, metadata={"help": "SimNPO β."})
     simnpo_delta: float = field(default=0.0, metadata={"help": "SimNPO δ."})
-    rmu_layer: int | None = field(default=None, metadata={"help": "Layer whose MoE output RMU steers."})
+    idk_dpo_beta: float = field(default=0.1, metadata={"help": "IdkDPO β (OpenUnlearning default 0.1)."})
+    rmu_layer: int | None = field(
+        default=None,
+        metadata={"help": "Decoder layer whose output (the residual stream) RMU steers; default: the highest "
+                          "selected layer. Every trained parameter must lie at or below it."},
+    )
     rmu_steering_coeff: float = field(default=6.5, metadata={"help": "RMU steering coefficient c."})
     rmu_seed: int = field(default=0, metadata={"help": "Seed of RMU's random direction."})
     kl_direction: str = field(default="model_to_ref", metadata={"help": "model_to_ref or ref_to_model."})
@@ -68,7 +87,12 @@ class MoEUnlearnConfig(TrainingArguments):
     )
     # --- SEUF
     anchor_loss_weight: float = field(default=1.0, metadata={"help": "SEUF anchor weight α (0 = off)."})
-    anchor_reduction: str = field(default="paper", metadata={"help": "paper or code."})
+    anchor_form: str = field(
+        default="masked_softmax",
+        metadata={"help": "SEUF anchor's g: masked_softmax (paper: router probabilities masked to the top-k) or "
+                          "full_softmax (the public SEUF code: before top-k masking)."},
+    )
+    anchor_reduction: str = field(default="paper", metadata={"help": "paper (sum over experts) or code (mean)."})
     # --- TRACE
     retain_weighting: str = field(default="none", metadata={"help": "none or trace."})
     trace_tau: float = field(default=1.0, metadata={"help": "TRACE τ: f_F ≥ τ·k/E."})
@@ -81,6 +105,11 @@ class MoEUnlearnConfig(TrainingArguments):
     selection_method: str = field(default="seuf", metadata={"help": "seuf or trace (when no selection is given)."})
     seuf_top_m: int = field(default=1, metadata={"help": "SEUF: number of experts."})
     seuf_per_layer: bool = field(default=False, metadata={"help": "SEUF: top-M in each layer."})
+    seuf_score: str = field(
+        default="masked_softmax",
+        metadata={"help": "SEUF Eq. 2's g: masked_softmax (paper: router probabilities masked to the top-k, not "
+                          "renormalised) or gate (the gate weights the model applies)."},
+    )
     attribution_max_tokens: int | None = field(default=100_000, metadata={"help": "Tokens used for attribution."})
     attribution_batch_size: int = field(default=8, metadata={"help": "Batch size of the attribution pass."})
     # --- adapter
@@ -88,6 +117,11 @@ class MoEUnlearnConfig(TrainingArguments):
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
     train_router: bool = field(default=True, metadata={"help": "Train the selected layers' routers."})
+    deterministic_routing: bool = field(
+        default=True,
+        metadata={"help": "Keep the MoE blocks in eval mode while training (no router jitter or sampled routing, "
+                          "e.g. PhiMoE), so the model routes as its reference and the recorded statistics do."},
+    )
     # --- data
     max_length: int = field(default=512, metadata={"help": "Maximum tokens per example."})
     # --- TrainingArguments defaults that differ (SEUF's lr; log often enough to see routing move)
@@ -100,8 +134,8 @@ class MoEUnlearnConfig(TrainingArguments):
         super().__post_init__()
         # Our LoRA sits in the selected layers only: the backward must not be forced down to the inputs, so
         # checkpointing must not need input gradients (reentrant checkpointing would).
-        if self.gradient_checkpointing and not self.gradient_checkpointing_kwargs:
-            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        if self.gradient_checkpointing and "use_reentrant" not in (self.gradient_checkpointing_kwargs or {}):
+            self.gradient_checkpointing_kwargs = {**(self.gradient_checkpointing_kwargs or {}), "use_reentrant": False}
         self.validate()
 
     def validate(self) -> None:
@@ -111,6 +145,8 @@ class MoEUnlearnConfig(TrainingArguments):
             "adapter": ("lora", "full"),
             "retain_weighting": ("none", "trace"),
             "anchor_reduction": ("paper", "code"),
+            "anchor_form": ("masked_softmax", "full_softmax"),
+            "seuf_score": ("masked_softmax", "gate"),
             "kl_direction": ("model_to_ref", "ref_to_model"),
         }
         for name, allowed in choices.items():

@@ -28,7 +28,7 @@ from .errors import MoEUnlearnError
 from .losses import LossContext, get_loss
 from .losses.builtin import trace_retain_shares
 from .losses.functional import routing_share
-from .moe.layers import find_moe_layers, unwrap_model
+from .moe.layers import decoder_layers, find_moe_layers, parameter_layer, unwrap_model
 from .routing import ExpertSelection, RouterRecorder, attribute_experts, select_seuf, select_trace, trace_scores
 
 RETAIN_PREFIX = "retain_"
@@ -68,7 +68,7 @@ class MoEUnlearnTrainer(Trainer):
         model: a transformers MoE causal LM (or an already wrapped expert PEFT model).
         args: :class:`MoEUnlearnConfig`.
         forget_dataset, retain_dataset: ``datasets.Dataset`` (``text`` column or prompt/answer columns; an
-            ``idk`` column for the ``idk`` loss) or lists of texts.
+            ``idk`` column for the ``idk_nll``/``idk_dpo`` losses) or lists of texts.
         processing_class: the tokenizer.
         selection: an :class:`ExpertSelection`, a ``{layer: [experts]}`` mapping or a path; default: from
             ``args.selection`` or computed with ``args.selection_method``.
@@ -133,8 +133,10 @@ class MoEUnlearnTrainer(Trainer):
             processing_class=processing_class, **kwargs,
         )
         self.recorder = RouterRecorder(self.model, layers=self.selection.layers, accumulate=False, keep_current=True)
-        self._rmu_layer = args.rmu_layer if args.rmu_layer is not None else min(self.selection.layers)
-        self._needs_hidden = args.forget_loss == "rmu" or args.retain_loss == "rmu_retain"
+        self._needs_hidden = "hidden" in self.loss_requirements
+        self._layers_path, self._decoder_layers = decoder_layers(self.model)
+        self._rmu_layer = args.rmu_layer if args.rmu_layer is not None else max(self.selection.layers)
+        self._check_gradient_paths(args)
         self._captured_hidden: dict[str, torch.Tensor] = {}
         self._hidden_handle = None
         self._hidden_split = "forget"
@@ -158,9 +160,11 @@ class MoEUnlearnTrainer(Trainer):
                 f"retain_loss='none' (plain gradient ascent / NPO without a retain term)."
             )
         if "reference" in requirements and args.adapter != "lora":
+            needing = [fn.name for fn in (self.forget_loss_fn, self.retain_loss_fn, self.weighting_fn)
+                       if fn is not None and "reference" in fn.requires]
             raise MoEUnlearnError(
-                f"Losses {sorted(n for n in (args.forget_loss, args.retain_loss) if n in ('npo', 'kl'))} need the "
-                f"reference model, which is the base model with the LoRA adapter disabled: use adapter='lora'."
+                f"Losses {needing} need the reference model, which is the base model with the LoRA adapter "
+                f"disabled: use adapter='lora'."
             )
 
     @staticmethod
@@ -189,7 +193,8 @@ class MoEUnlearnTrainer(Trainer):
             return ExpertSelection.load(args.selection)
         forget_stats = self._routing_stats("forget", base, forget, tokenizer, args)
         if args.selection_method == "seuf":
-            return select_seuf(forget_stats, top_m=args.seuf_top_m, per_layer=args.seuf_per_layer)
+            return select_seuf(forget_stats, top_m=args.seuf_top_m, per_layer=args.seuf_per_layer,
+                               score=args.seuf_score)
         if retain is None:
             raise MoEUnlearnError("selection_method='trace' needs a retain dataset to compare routing against.")
         retain_stats = self._routing_stats("retain", base, retain, tokenizer, args)
@@ -210,6 +215,62 @@ class MoEUnlearnTrainer(Trainer):
                                             for l, ids in self.selection.experts.items()}
                                      for name in ("f_forget", "f_retain", "ratio")})
         return {l: {e: float(table["ratio"][l][e]) for e in ids} for l, ids in self.selection.experts.items()}
+
+    def _trainable_layers(self) -> dict[str, int | None]:
+        """Every trainable parameter's name and decoder layer (None: outside the decoder layers)."""
+        return {name: parameter_layer(name, self._layers_path)
+                for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def _check_gradient_paths(self, args: MoEUnlearnConfig) -> None:
+        """Refuse, before any step, the configurations in which a loss term could not move any parameter.
+
+        A term with no gradient path still shows in the logged loss and the model card, so without these checks
+        a run would look like SEUF (or RMU) while it trains something else.
+        """
+        trainable = self._trainable_layers()
+        hooks_feed_loss = self.anchor_loss_fn is not None or self._needs_hidden or any(
+            r == "router_logits" for r in self.loss_requirements)
+        kwargs = args.gradient_checkpointing_kwargs or {}
+        if args.gradient_checkpointing and kwargs.get("use_reentrant", True) and hooks_feed_loss:
+            raise MoEUnlearnError(
+                "Reentrant gradient checkpointing (gradient_checkpointing_kwargs={'use_reentrant': True}) runs the "
+                "forward without autograd, so the router logits of the SEUF anchor and RMU's hidden states would "
+                "carry no gradient. Use gradient_checkpointing_kwargs={'use_reentrant': False} (the default here)."
+            )
+        if self.anchor_loss_fn is not None:
+            for index in self.selection.layers:
+                layer = self.moe_layers[index]
+                router_trains = any(layer.router_name in _clean(n) for n in trainable)
+                upstream = [n for n, at in trainable.items()
+                            if (at is not None and (at < index or (at == index and layer.name not in _clean(n))))
+                            or (at is None and "embed" in n)]
+                if not router_trains and not upstream:
+                    raise MoEUnlearnError(
+                        f"anchor_loss_weight={args.anchor_loss_weight} but nothing trainable can change the router "
+                        f"logits of layer {index}: its router is frozen (train_router=False) and no trainable "
+                        f"parameter lies below it. The anchor would be a constant. Set train_router=True, or "
+                        f"anchor_loss_weight=0."
+                    )
+        if self._needs_hidden:
+            rmu = self._rmu_layer
+            if not 0 <= rmu < len(self._decoder_layers):
+                raise MoEUnlearnError(f"rmu_layer={rmu} is not a decoder layer: the model has layers 0.."
+                                      f"{len(self._decoder_layers) - 1}.")
+            at_or_below = [n for n, at in trainable.items() if at is not None and at <= rmu]
+            above = sorted({at for at in trainable.values() if at is not None and at > rmu})
+            if not at_or_below:
+                raise MoEUnlearnError(
+                    f"RMU steers the output of decoder layer {rmu} (rmu_layer), but no trainable parameter lies at or "
+                    f"below it (trainable layers: {sorted({a for a in trainable.values() if a is not None})}): RMU "
+                    f"would train nothing. Set rmu_layer at or above the lowest selected layer "
+                    f"({min(self.selection.layers)})."
+                )
+            if above and args.forget_loss == "rmu":
+                raise MoEUnlearnError(
+                    f"RMU steers decoder layer {rmu}, but the selection trains parameters in layers {above} above it, "
+                    f"which RMU's loss never reaches. Set rmu_layer >= {max(above)} or select experts at or below "
+                    f"layer {rmu}."
+                )
 
     @staticmethod
     def _method_name(args: MoEUnlearnConfig) -> str:
@@ -237,8 +298,10 @@ class MoEUnlearnTrainer(Trainer):
         carries no hook that points into this trainer (it could not be deep-copied or pickled otherwise)."""
         self.recorder.attach()
         if self._needs_hidden and self._hidden_handle is None:
-            block = self.moe_layers[self._rmu_layer].block
-            self._hidden_handle = block.register_forward_hook(self._capture_hidden)
+            # RMU steers the residual stream: the output of decoder layer ℓ (the WMDP code hooks
+            # model.layers[ℓ]), not the MoE block's output, which the layer adds to its residual input.
+            layer = self._decoder_layers[self._rmu_layer]
+            self._hidden_handle = layer.register_forward_hook(self._capture_hidden)
 
     def _detach_hooks(self) -> None:
         self.recorder.detach()
@@ -266,6 +329,12 @@ class MoEUnlearnTrainer(Trainer):
         added (we compute every loss from logits ourselves)."""
         self.recorder.set_mask(counted_mask(batch))
         self._hidden_split = split
+        if self.args.deterministic_routing:
+            # The Trainer puts the whole model in train mode each step; routers with train-mode noise (PhiMoE's
+            # jitter and sampled sparsemixer) would then route differently from the reference and the recorded
+            # statistics. Only the MoE blocks go to eval: dropout elsewhere is the user's choice.
+            for layer in self.moe_layers.values():
+                layer.block.eval()
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return outputs.logits
 
@@ -274,16 +343,25 @@ class MoEUnlearnTrainer(Trainer):
         hidden_cache: dict[str, torch.Tensor] = {}
 
         def run(split: str) -> None:
-            batch = forget if split == "forget" else retain
+            if split == "idk":
+                input_ids, attention_mask = forget["idk_input_ids"], forget["idk_attention_mask"]
+            else:
+                batch = forget if split == "forget" else retain
+                input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
             self.recorder.enabled = False  # the reference's routing must not overwrite this step's
+            # The reference is the frozen start model: deterministic (eval mode: no dropout, no router jitter or
+            # sampled routing), whatever mode training is in; each module's mode is restored afterwards.
+            modes = [(module, module.training) for module in model.modules()]
+            model.eval()
             try:
                 with torch.no_grad(), unwrap_peft(model).disable_adapter():
                     self._hidden_split = f"ref_{split}"
-                    cache[split] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         use_cache=False).logits
+                    cache[split] = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
                     if f"ref_{split}" in self._captured_hidden:
                         hidden_cache[split] = self._captured_hidden.pop(f"ref_{split}")
             finally:
+                for module, training in modes:
+                    module.training = training
                 self.recorder.enabled = True
 
         def logits(split: str) -> torch.Tensor:
@@ -319,7 +397,7 @@ class MoEUnlearnTrainer(Trainer):
             config=args, reference_logits=reference, idk_logits=self._idk_provider(model, forget),
             hidden_states=hidden if self._needs_hidden else None,
             router_logits=router_logits, selected_experts=self.selection.experts,
-            score_fn={l: self.moe_layers[l].score_fn for l in self.selection.layers},
+            score_fn={l: self.moe_layers[l].score_fn for l in self.selection.layers}, forget_topk=forget_topk,
             retain_topk=retain_topk, critical_ratios=self.critical_ratios,
         )
         if self.weighting_fn is not None:
@@ -412,6 +490,14 @@ class MoEUnlearnTrainer(Trainer):
         model = unwrap_peft(self.model)
         if hasattr(model, "card_info"):
             model.card_info["eval_results"] = dict(results)
+
+
+def _clean(name: str) -> str:
+    """A parameter name without PEFT's ``base_model.model.`` / ``modules_to_save.default`` decorations."""
+    for prefix in ("module.", "base_model.model."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

@@ -101,3 +101,17 @@ def test_cli_parsers_set_defaults_and_func():
     demo = parser.parse_args(["demo"])
     assert demo.forget_setting == "domain" and callable(demo.func)
     assert set(DEMO_METHODS) <= set(METHODS)
+
+
+def test_rmu_rows_steer_one_layer_and_differ_in_experts_only(tmp_path):
+    """RMU and RMU+SEUF steer the same decoder layer ℓ (results.json's rmu_layer); RMU trains every expert of
+    layers ℓ−2..ℓ (the WMDP recipe's three layers), RMU+SEUF one expert at or below ℓ."""
+    result = run_benchmark(["RMU", "RMU+SEUF"], [0], size="micro", workdir=tmp_path, device="cpu",
+                           pretrain_settings=PretrainSettings.preset("micro", max_steps=2), log=lambda *_: None)
+    rmu_layer = result["rmu_layer"]
+    assert rmu_layer >= 2
+    baseline = {int(k): v for k, v in result["per_seed"]["RMU"][0]["selected_experts"].items()}
+    assert sorted(baseline) == [rmu_layer - 2, rmu_layer - 1, rmu_layer]
+    assert all(len(ids) == len(baseline[rmu_layer]) for ids in baseline.values())
+    seuf = {int(k): v for k, v in result["per_seed"]["RMU+SEUF"][0]["selected_experts"].items()}
+    assert sum(len(v) for v in seuf.values()) == 1 and max(seuf) <= rmu_layer

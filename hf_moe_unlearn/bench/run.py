@@ -11,6 +11,9 @@ Method names (see :data:`METHODS`):
 - GA, GradDiff, NPO, RMU without "+SEUF" train LoRA on *every* expert of every MoE layer with no router
   anchor (the paper's "LoRA (all)" baseline): a baseline that trains nothing would forget nothing.
 - "+SEUF": SEUF's top-1 expert selection with the router anchor (weight 1).
+- RMU steers the residual stream at one decoder layer ℓ, the same for "RMU" and "RMU+SEUF"
+  (:func:`rmu_layer_for`): "RMU" trains LoRA on every expert of layers ℓ−2..ℓ (the WMDP recipe trains layers
+  5–7 and steers layer 7), "RMU+SEUF" the SEUF expert, which lies at or below ℓ.
 - "TRACE": TRACE's selection and token-reweighted retain loss, no anchor; "SEUF+TRACE" combines SEUF's
   selection and anchor with TRACE's reweighting; TRACE methods use GradDiff's losses unless named otherwise.
 """
@@ -348,8 +351,17 @@ def _relearn_mcq(model, tokenizer, data: _EvalData, budget: BenchBudget, seed: i
 # ----------------------------------------------------------------------------------------------------------
 
 
+def rmu_layer_for(seuf_selection, num_layers: int) -> int:
+    """The decoder layer RMU steers in the bench, shared by "RMU" and "RMU+SEUF" so the rows differ in experts only.
+
+    At least layer 2, so the baseline trains three layers (ℓ−2..ℓ) as the WMDP recipe does, and at or above
+    the SEUF expert's layer, whose parameters the RMU loss must reach.
+    """
+    return min(num_layers - 1, max(2, max(seuf_selection.layers)))
+
+
 def _unlearn(target, tokenizer, benchmark: SyntheticBenchmark, method: MethodSpec, budget: BenchBudget,
-             seed: int, workdir: Path, device: str | None):
+             seed: int, workdir: Path, device: str | None, rmu_layer: int | None = None, seuf_selection=None):
     """Unlearn a copy of ``target`` with ``method``; returns the merged plain model and its expert selection."""
     from ..config import MoEUnlearnConfig
     from ..moe import find_moe_layers
@@ -357,8 +369,14 @@ def _unlearn(target, tokenizer, benchmark: SyntheticBenchmark, method: MethodSpe
 
     model = copy.deepcopy(target).train()
     selection = None
+    rmu = method.forget_loss == "rmu"
     if method.all_experts:
-        selection = {layer.index: list(range(layer.num_experts)) for layer in find_moe_layers(model)}
+        layers = find_moe_layers(model)
+        if rmu:
+            layers = [layer for layer in layers if rmu_layer - 2 <= layer.index <= rmu_layer]
+        selection = {layer.index: list(range(layer.num_experts)) for layer in layers}
+    elif rmu and method.selection_method == "seuf":
+        selection = seuf_selection  # the selection rmu_layer was chosen for
     retain = None if method.retain_loss == "none" else benchmark.retain_text
     config = MoEUnlearnConfig(
         output_dir=str(workdir / "unlearn-scratch"), **method.config_fields(), max_steps=budget.steps,
@@ -366,7 +384,7 @@ def _unlearn(target, tokenizer, benchmark: SyntheticBenchmark, method: MethodSpe
         lora_alpha=2.0 * budget.lora_r, max_length=128, seed=seed, use_cpu=(device == "cpu"), report_to="none",
         save_strategy="no", disable_tqdm=True, logging_steps=max(1, budget.steps // 3), lr_scheduler_type="constant",
         # Tiny models in float32: mixed precision would only add noise to a comparison at this scale.
-        bf16=False, fp16=False,
+        bf16=False, fp16=False, rmu_layer=rmu_layer if rmu else None,
     )
     trainer = MoEUnlearnTrainer(model, config, forget_dataset=benchmark.forget_text, retain_dataset=retain,
                                 processing_class=tokenizer, selection=selection)
@@ -459,13 +477,21 @@ def run_benchmark(
         before, attribute_experts(pair.target, list(benchmark.retain_text["text"]), tokenizer, show_progress=False,
                                   name="retain set"))
 
+    rmu_layer = seuf_selection = None
+    if any(METHODS[name].forget_loss == "rmu" for name in names):
+        from ..routing import select_seuf
+
+        seuf_selection = select_seuf(before)
+        rmu_layer = rmu_layer_for(seuf_selection, pair.target.config.num_hidden_layers)
+
     rows = _reference_rows(pair, tokenizer, data, budget, seeds[0])
     per_seed: dict[str, list[dict[str, Any]]] = {}
     for name in names:
         per_seed[name] = []
         for seed in seeds:
             t0 = time.perf_counter()
-            model, experts = _unlearn(pair.target, tokenizer, benchmark, METHODS[name], budget, seed, workdir, device)
+            model, experts = _unlearn(pair.target, tokenizer, benchmark, METHODS[name], budget, seed, workdir, device,
+                                      rmu_layer=rmu_layer, seuf_selection=seuf_selection)
             row = evaluate_model(model, tokenizer, data, budget)
             _relative_metrics(row, rows["retrain"])
             row["routing_share"] = _routing_share(model, tokenizer, data.forget_texts, experts, before)
@@ -488,7 +514,7 @@ def run_benchmark(
         "rows": table_rows, "per_seed": per_seed, "columns": list(COLUMNS), "methods": names, "seeds": seeds,
         "size": size, "forget_setting": spec.forget, "benchmark_spec": spec.to_dict(), "budget": asdict(budget),
         "pretrain_key": pair.key, "pretrain_reused": pair.reused, "pretrain_seconds": pretrain_seconds,
-        "wall_seconds": wall, "torch_threads": torch.get_num_threads(), "forget_concentration": concentration,
+        "wall_seconds": wall, "rmu_layer": rmu_layer, "torch_threads": torch.get_num_threads(), "forget_concentration": concentration,
         "device": str(next(pair.target.parameters()).device),
         "paths": {k: str(v) for k, v in paths.items()}, "table": table,
     }

@@ -3,7 +3,7 @@
 Two shapes of example are understood, as in TRL: plain documents (a ``text`` column) where every token is
 trained on, and question/answer pairs (``prompt``/``question`` + ``answer``/``completion``) where only answer
 tokens carry labels. An optional ``idk`` column (an "I don't know"-style answer) is tokenised too, for the
-``idk`` forget loss.
+``idk_nll``/``idk_dpo`` forget losses.
 """
 
 from __future__ import annotations

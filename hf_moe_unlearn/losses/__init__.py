@@ -2,7 +2,9 @@
 
 ``get_loss("npo", kind="forget")(ctx)`` computes a registered loss on a :class:`LossContext`;
 ``@register_loss(name, kind=...)`` adds your own. The math lives in :mod:`.functional` as pure tensor
-functions; importing this package registers the built-ins (:mod:`.builtin`).
+functions; importing this package registers the built-ins (:mod:`.builtin`): forget ``ga``, ``npo``,
+``simnpo``, ``rmu``, ``idk_nll``, ``idk_dpo``; retain ``nll``, ``kl``, ``rmu_retain``; router ``seuf_anchor``;
+weighting ``trace``.
 """
 
 from . import builtin as _builtin  # noqa: F401  (registers the built-in losses)
@@ -11,6 +13,7 @@ from .builtin import trace_retain_shares
 from .context import LOSS_DEFAULTS, REQUIREMENTS, LossContext
 from .functional import (
     IGNORE_INDEX,
+    dpo_loss,
     ga_loss,
     kl_loss,
     nll_loss,
@@ -25,6 +28,7 @@ from .functional import (
     seuf_anchor_loss,
     simnpo_loss,
     token_nll,
+    topk_masked_scores,
     trace_token_weights,
 )
 from .registry import (
@@ -46,6 +50,7 @@ __all__ = [
     "LossContext",
     "LossSpec",
     "RegisteredLoss",
+    "dpo_loss",
     "functional",
     "ga_loss",
     "get_loss",
@@ -65,6 +70,7 @@ __all__ = [
     "seuf_anchor_loss",
     "simnpo_loss",
     "token_nll",
+    "topk_masked_scores",
     "trace_retain_shares",
     "trace_token_weights",
     "unregister_loss",

@@ -1,6 +1,6 @@
 """The built-in losses, registered by name. Each is a few lines over :mod:`.functional`.
 
-forget:    ga, npo (reference), simnpo, rmu (hidden), idk (IDK answers)
+forget:    ga, npo (reference), simnpo, rmu (hidden), idk_nll (IDK answers), idk_dpo (reference + IDK answers)
 retain:    nll, kl (reference), rmu_retain (hidden); ``none`` is handled by the trainer
 router:    seuf_anchor (router logits of the selected layers)
 weighting: trace — returns ``[B, T]`` retain-token weights (aligned with the unshifted retain labels),
@@ -58,10 +58,25 @@ def rmu(ctx: LossContext) -> torch.Tensor:
     return LF.rmu_forget_loss(hidden, control, ctx.token_mask(ctx.forget_batch).to(hidden.device))
 
 
-@register_loss("idk", kind="forget", requires=("idk",))
-def idk(ctx: LossContext) -> torch.Tensor:
-    """Fine-tune towards "I don't know": the NLL of the IDK answer tokens (to be *minimised*)."""
+@register_loss("idk_nll", kind="forget", requires=("idk",))
+def idk_nll(ctx: LossContext) -> torch.Tensor:
+    """Fine-tune towards "I don't know": the mean NLL of the IDK answer tokens (to be *minimised*)."""
     return LF.nll_loss(ctx.idk_logits(), ctx.forget_batch["idk_labels"])
+
+
+@register_loss("idk_dpo", kind="forget", requires=("forget_logits", "reference", "idk"))
+def idk_dpo(ctx: LossContext) -> torch.Tensor:
+    """IdkDPO (OpenUnlearning): DPO with the IDK answer preferred and the true forget answer rejected.
+
+    β = ``config.idk_dpo_beta``. The reference's IDK logits come from ``ctx.reference_logits("idk")``.
+    """
+    labels, idk_labels = ctx.forget_batch["labels"], ctx.forget_batch["idk_labels"]
+    lose_nll, _ = LF.sequence_nll(ctx.forget_logits, labels)
+    win_nll, _ = LF.sequence_nll(ctx.idk_logits(), idk_labels)
+    with torch.no_grad():
+        lose_ref_nll, _ = LF.sequence_nll(ctx.reference_logits("forget"), labels)
+        win_ref_nll, _ = LF.sequence_nll(ctx.reference_logits("idk"), idk_labels)
+    return LF.dpo_loss(win_nll, win_ref_nll, lose_nll, lose_ref_nll, float(ctx.setting("idk_dpo_beta")))
 
 
 # ------------------------------------------------------------------------------------------- retain
@@ -101,12 +116,39 @@ def rmu_retain(ctx: LossContext) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- router
+def _anchor_score_fn(ctx: LossContext, layer: int) -> str:
+    """How layer ``layer``'s router scores experts; missing is an error, never a silent softmax."""
+    if layer not in ctx.score_fn:
+        raise MoEUnlearnError(
+            f"No score_fn for layer {layer} (known: {sorted(ctx.score_fn)}): set ctx.score_fn[{layer}] to 'softmax' "
+            "or 'sigmoid', as the model's router scores experts (the trainer takes it from find_moe_layers(model))."
+        )
+    return ctx.score_fn[layer]
+
+
+def _anchor_topk(ctx: LossContext, layer: int, form: str) -> torch.Tensor | None:
+    """The forget forward's top-k indices of ``layer`` for the masked (paper) form; ``None`` for the full form."""
+    if form != "masked_softmax":
+        return None
+    if ctx.forget_topk is None or layer not in ctx.forget_topk:
+        recorded = "none" if ctx.forget_topk is None else sorted(ctx.forget_topk)
+        raise MoEUnlearnError(
+            f"anchor_form='masked_softmax' needs the forget tokens' top-k indices of layer {layer} "
+            f"(ctx.forget_topk; recorded: {recorded}). The trainer fills them from the router hooks of the forget "
+            "forward; a custom trainer must set forget_topk, or use anchor_form='full_softmax'."
+        )
+    return ctx.forget_topk[layer]
+
+
 @register_loss("seuf_anchor", kind="router", requires=("router_logits",))
 def seuf_anchor(ctx: LossContext) -> torch.Tensor:
     """SEUF anchor on every layer with selected experts, **summed over layers** (each layer's anchor is its
-    own constraint, so adding a layer does not weaken the others); ``config.anchor_reduction`` picks
-    paper or code scale."""
+    own constraint, so adding a layer does not weaken the others). ``config.anchor_form`` picks the paper's
+    top-k-masked g (default; reads ``ctx.forget_topk``) or the code's full distribution;
+    ``config.anchor_reduction`` picks paper or code scale."""
     mask = ctx.token_mask(ctx.forget_batch).reshape(-1)
+    form = ctx.setting("anchor_form")
+    reduction = ctx.setting("anchor_reduction")
     total: torch.Tensor | None = None
     for layer, experts in sorted(ctx.selected_experts.items()):
         if layer not in ctx.router_logits:
@@ -119,8 +161,10 @@ def seuf_anchor(ctx: LossContext) -> torch.Tensor:
             logits,
             experts,
             mask.to(logits.device),
-            score_fn=ctx.score_fn.get(layer, "softmax"),
-            reduction=ctx.setting("anchor_reduction"),
+            score_fn=_anchor_score_fn(ctx, layer),
+            reduction=reduction,
+            form=form,
+            topk_indices=_anchor_topk(ctx, layer, form),
         )
         total = term if total is None else total + term
     return total

@@ -22,10 +22,12 @@ from .functional import IGNORE_INDEX
 #: defaults, the field's usual values (``docs/unlearning-reference.md``, ``docs/methods.md``).
 LOSS_DEFAULTS: dict[str, Any] = {
     "npo_beta": 0.1,  # NPO inverse temperature β
+    "idk_dpo_beta": 0.1,  # IdkDPO β (OpenUnlearning's IdkDPO default)
     "simnpo_beta": 4.5,  # SimNPO β (MUSE/WMDP; TOFU uses 2.5)
     "simnpo_delta": 0.0,  # SimNPO margin δ (OpenUnlearning convention; paper's γ = β·δ)
     "rmu_steering_coeff": 6.5,  # RMU c (WMDP code default for 7B models; 6.5–20 in use)
     "rmu_seed": 0,  # seed of the RMU random direction u
+    "anchor_form": "masked_softmax",  # SEUF anchor's g: "masked_softmax" (paper, top-k-masked) or "full_softmax" (code)
     "anchor_reduction": "paper",  # SEUF anchor: "paper" (sum over experts) or "code" (mean = paper/E)
     "kl_direction": "model_to_ref",  # retain KL: KL(pθ‖pref); "ref_to_model" for OpenUnlearning parity
     "trace_w_max": 10.0,  # TRACE cap on a ratio and on a token weight
@@ -37,7 +39,8 @@ _REQUIREMENT_HELP: dict[str, tuple[str, str]] = {
         "a reference model",
         "the trainer provides `reference_logits` only when the run has a frozen reference model (the starting "
         "model; with LoRA the base model with adapters disabled). Enable it, or pick a loss without one "
-        "(forget: ga, simnpo, rmu, idk; retain: nll).",
+        "(forget: ga, simnpo, rmu, idk_nll; retain: nll). 'idk_dpo' also needs the reference on the IDK inputs, "
+        "`reference_logits('idk')`.",
     ),
     "hidden": (
         "hidden states at the RMU layer",
@@ -45,8 +48,8 @@ _REQUIREMENT_HELP: dict[str, tuple[str, str]] = {
     ),
     "idk": (
         "'I don't know' answers",
-        "the forget batch needs `idk_input_ids`/`idk_attention_mask`/`idk_labels` (a forget dataset with an "
-        "IDK answer column) and the trainer must provide `idk_logits`.",
+        "the forget batch needs `idk_input_ids`/`idk_attention_mask`/`idk_labels` (a forget dataset with "
+        "prompt/answer columns and an `idk` answer column) and the trainer must provide `idk_logits`.",
     ),
     "router_logits": (
         "live router logits of the selected layers",
@@ -86,17 +89,22 @@ class LossContext:
             ``getattr``; missing attributes take the default). ``None`` = all defaults.
 
     Lazy providers (``None`` when the run lacks them; the trainer caches their results per step):
-        reference_logits: ``split -> logits`` of the frozen reference model on ``"forget"`` or ``"retain"``,
-            computed without grad.
+        reference_logits: ``split -> logits`` of the frozen reference model, computed without grad, on
+            ``"forget"`` (the forget batch), ``"retain"`` (the retain batch) or ``"idk"`` (the forget batch's IDK
+            inputs ``idk_input_ids``/``idk_attention_mask``; needed by ``idk_dpo``).
         hidden_states: ``(split, reference) -> [B, T, H]`` hidden states at the RMU layer, of the model
             (with grad) or of the reference (``reference=True``, no grad).
-        idk_logits: ``() -> logits`` of the model on the IDK inputs.
+        idk_logits: ``() -> logits`` of the model being unlearned (with grad) on the IDK inputs.
 
     MoE routing:
         router_logits: layer -> live ``[N, E]`` router logits of the forget forward (N = B·T, row-major,
             with grad), for the layers holding selected experts.
         selected_experts: layer -> expert indices selected for unlearning.
-        score_fn: layer -> ``"softmax"`` or ``"sigmoid"`` (how the router scores experts; default softmax).
+        forget_topk: layer -> ``[N, k]`` top-k expert indices of each forget token (detached, from the hooks
+            of the forget forward, same row order as ``router_logits``) — the mask of the SEUF anchor's paper
+            form (``anchor_form="masked_softmax"``).
+        score_fn: layer -> ``"softmax"`` or ``"sigmoid"`` (how the router scores experts); required for every
+            layer with selected experts (no default: a sigmoid router scored as softmax would be silently wrong).
         retain_topk: layer -> ``[N, k]`` top-k indices of each retain token (detached, from the hooks of the
             retain forward) — input of the TRACE weighting.
         critical_ratios: layer -> {expert: f_F(l,e)/f_R(l,e)} of the selected experts (TRACE statistics).
@@ -117,6 +125,7 @@ class LossContext:
     hidden_states: Callable[[str, bool], torch.Tensor] | None = None
     idk_logits: Callable[[], torch.Tensor] | None = None
     router_logits: dict[int, torch.Tensor] | None = None
+    forget_topk: dict[int, torch.Tensor] | None = None
     selected_experts: dict[int, list[int]] = field(default_factory=dict)
     score_fn: dict[int, str] = field(default_factory=dict)
     retain_topk: dict[int, torch.Tensor] | None = None

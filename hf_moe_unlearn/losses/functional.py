@@ -39,12 +39,14 @@ __all__ = [
     "ga_loss",
     "npo_loss",
     "simnpo_loss",
+    "dpo_loss",
     "nll_loss",
     "kl_loss",
     "rmu_forget_loss",
     "rmu_retain_loss",
     "rmu_control_vector",
     "router_scores",
+    "topk_masked_scores",
     "seuf_anchor_loss",
     "prediction_mask",
     "trace_token_weights",
@@ -183,6 +185,43 @@ def simnpo_loss(
     return -(2.0 / beta) * F.logsigmoid(beta * (mean_nll - delta)).mean()
 
 
+def dpo_loss(
+    win_nll_sum: torch.Tensor,
+    win_ref_nll_sum: torch.Tensor,
+    lose_nll_sum: torch.Tensor,
+    lose_ref_nll_sum: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """DPO on summed sequence NLLs, as OpenUnlearning's ``compute_dpo_loss`` defines it (IdkDPO, DPO).
+
+    ``win_log_ratio = −(ℓθ(win) − ℓref(win))``, ``lose_log_ratio = −(ℓθ(lose) − ℓref(lose))`` and
+    ``L = −(2/β) · mean log σ(β · (win_log_ratio − lose_log_ratio))``, ℓ the summed answer-token NLL of each
+    sequence (:func:`sequence_nll`). Matched against OpenUnlearning ``src/trainer/utils.py``
+    ``compute_dpo_loss``: the same signs, the same ``2/β`` scale (Rafailov et al.'s DPO loss has no ``2/β``;
+    OpenUnlearning's shared function carries NPO's, so with the winner term left out it is exactly
+    :func:`npo_loss`), the mean over the batch, and the reference under ``no_grad`` (detached here).
+    IdkDPO passes the "I don't know" answer as ``win`` and the true forget answer as ``lose``.
+
+    At θ = ref the loss is ``(2/β)·log 2``; raising the winner's likelihood (lower ``win_nll_sum``) or lowering
+    the loser's (higher ``lose_nll_sum``) lowers it.
+
+    Args:
+        win_nll_sum, lose_nll_sum: ``[B]`` summed NLLs of the model on the preferred / rejected answers (with grad).
+        win_ref_nll_sum, lose_ref_nll_sum: ``[B]`` the same for the frozen reference (detached here).
+        beta: inverse temperature β > 0 (OpenUnlearning's IdkDPO default 0.1).
+    """
+    _check_beta(beta, "dpo beta")
+    shapes = [tuple(t.shape) for t in (win_nll_sum, win_ref_nll_sum, lose_nll_sum, lose_ref_nll_sum)]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 1:
+        raise MoEUnlearnError(
+            f"dpo_loss needs four [B] tensors (one summed NLL per sequence of the same batch: win, win_ref, lose, "
+            f"lose_ref), got shapes {shapes}. Pair each forget example with its own IDK answer."
+        )
+    win_log_ratio = -(win_nll_sum.float() - win_ref_nll_sum.detach().float())
+    lose_log_ratio = -(lose_nll_sum.float() - lose_ref_nll_sum.detach().float())
+    return -(2.0 / beta) * F.logsigmoid(beta * (win_log_ratio - lose_log_ratio)).mean()
+
+
 # ----------------------------------------------------------------------------------------- retain losses
 def nll_loss(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """(Weighted) mean NLL over counted tokens: ``Σ_t w_t·nll_t / Σ_t 1``.
@@ -318,13 +357,18 @@ def rmu_control_vector(
 
 # ---------------------------------------------------------------------------------------- SEUF anchor
 ScoreFn = Literal["softmax", "sigmoid"]
+AnchorForm = Literal["masked_softmax", "full_softmax"]
+ANCHOR_FORMS: tuple[str, ...] = ("masked_softmax", "full_softmax")
+ANCHOR_REDUCTIONS: tuple[str, ...] = ("paper", "code")
 
 
 def router_scores(router_logits: torch.Tensor, score_fn: ScoreFn = "softmax") -> torch.Tensor:
-    """The router's distribution over experts, in float32: softmax, or sigmoid scores normalised to sum 1.
+    """The router's full distribution ``p_t`` over experts, in float32, before any top-k masking.
 
-    Full distribution, before top-k masking (the SEUF code's choice; the paper's top-k-masked g has no
-    gradient for the unchosen experts, so it could not pull a token back to the selected expert).
+    ``softmax`` routers: ``softmax(z_t)``. ``sigmoid`` routers (DeepSeek-V3 style): the sigmoid scores
+    normalised to sum 1, so both kinds give a distribution comparable with the target ``onehot(e*)``.
+    This is what the public SEUF code anchors (``anchor_form="full_softmax"``); the paper's g is this
+    distribution masked to each token's top-k, see :func:`topk_masked_scores`.
     """
     logits = router_logits.float()
     if score_fn == "softmax":
@@ -335,21 +379,72 @@ def router_scores(router_logits: torch.Tensor, score_fn: ScoreFn = "softmax") ->
     raise MoEUnlearnError(f"score_fn must be 'softmax' or 'sigmoid', got {score_fn!r}.")
 
 
+def _check_topk(topk_indices: torch.Tensor | None, num_tokens: int) -> torch.Tensor:
+    """The top-k indices, checked by shape and dtype only (a value check would need a host sync)."""
+    if topk_indices is None:
+        raise MoEUnlearnError(
+            "anchor form 'masked_softmax' (the paper's g) needs topk_indices [N, k]: the top-k expert indices the "
+            "model actually chose for each token (from the router hooks). Pass them, or use form='full_softmax'."
+        )
+    if (
+        topk_indices.dim() != 2
+        or topk_indices.shape[0] != num_tokens
+        or topk_indices.dtype.is_floating_point
+        or topk_indices.dtype.is_complex
+        or topk_indices.dtype == torch.bool
+    ):
+        raise MoEUnlearnError(
+            f"topk_indices must be an integer tensor [N, k] with N = {num_tokens} (one row per router-logit row), "
+            f"got {topk_indices.dtype} {tuple(topk_indices.shape)}. Pass the routing indices of the same forward."
+        )
+    return topk_indices
+
+
+def topk_masked_scores(scores: torch.Tensor, topk_indices: torch.Tensor) -> torch.Tensor:
+    """The SEUF paper's g: ``g_t[e] = p_t[e]`` if ``e`` is in token t's top-k, else 0 (**not** renormalised).
+
+    ``topk_indices`` are the experts the model actually routed each token to (taken from the router output,
+    so a sigmoid router's bias-corrected choice is respected), detached. The mask is built by a device-side
+    scatter: no host sync. Gradients still reach every logit through the softmax denominator, so the
+    masked anchor *can* pull back a token whose ``e*`` is outside its top-k: there ``g_t[e*] = 0``, and the
+    loss pushes the top-k entries ``g_j = exp(z_j)/Σ exp(z)`` down, which raises the denominator, i.e.
+    ``∂L/∂z_{e*} = −2 p_{e*} Σ_{j∈topk} g_j² < 0`` (paper reduction, one expert, softmax router).
+
+    Args:
+        scores: ``[N, E]`` full distribution (:func:`router_scores`).
+        topk_indices: ``[N, k]`` integer expert indices (values must lie in ``[0, E)``; not checked, as that
+            would need a host sync).
+    """
+    topk = _check_topk(topk_indices, scores.shape[0]).to(device=scores.device, dtype=torch.long)
+    keep = torch.zeros_like(scores).scatter_(-1, topk, 1.0)
+    return scores * keep
+
+
 def seuf_anchor_loss(
     router_logits: torch.Tensor,
     experts: int | Sequence[int],
     mask: torch.Tensor,
     score_fn: ScoreFn = "softmax",
     reduction: Literal["paper", "code"] = "paper",
+    form: AnchorForm = "masked_softmax",
+    topk_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SEUF router anchor (Eq. 3–4): keep forget tokens routed to the expert being unlearned.
 
-    For one expert ``e*``: ``mean_{counted tokens} ‖g_t − onehot(e*)‖²₂`` with ``g_t`` the router's
-    distribution (:func:`router_scores`).
+    For one expert ``e*``: ``mean_{counted tokens} ‖g_t − onehot(e*)‖²₂``, where ``g_t`` depends on ``form``:
+
+    * ``form="masked_softmax"`` (default, the paper): the router's distribution masked to the token's top-k,
+      not renormalised (:func:`topk_masked_scores`); needs ``topk_indices``.
+    * ``form="full_softmax"``: the full distribution before top-k masking (:func:`router_scores`), the public
+      SEUF code's choice.
+
+    ``reduction`` is independent of the form:
 
     * ``reduction="paper"``: the squared L2 distance summed over the E experts (the paper's Eq. 4).
     * ``reduction="code"``: the public SEUF code's ``F.mse_loss`` (mean over the E entries too) = paper / E.
       Unlike that code we average over counted tokens only, not padding.
+
+    So the public code's anchor is ``form="full_softmax", reduction="code"``.
 
     Several selected experts in one layer: the anchor is the **average of the single-expert anchors**
     ``(1/m) Σ_{e∈S} ‖g − onehot(e)‖²`` — each selected expert keeps its own pull and the total keeps the
@@ -360,14 +455,21 @@ def seuf_anchor_loss(
         router_logits: ``[N, E]`` live router logits of the forget forward (N = B·T, row-major), with grad.
         experts: the selected expert index, or a list of them, of this layer.
         mask: ``[N]`` 1 for counted forget tokens.
+        score_fn: ``"softmax"`` or ``"sigmoid"``: how this router scores experts.
+        reduction: ``"paper"`` or ``"code"``.
+        form: ``"masked_softmax"`` or ``"full_softmax"``.
+        topk_indices: ``[N, k]`` top-k expert indices of the same forward (detached); required by the masked
+            form, ignored by the full one.
     """
     if router_logits.dim() != 2 or mask.dim() != 1 or mask.shape[0] != router_logits.shape[0]:
         raise MoEUnlearnError(
             f"Expected router logits [N, E] and a token mask [N], got {tuple(router_logits.shape)} and "
             f"{tuple(mask.shape)}. Flatten [B, T] to N = B*T in the same (row-major) order."
         )
-    if reduction not in ("paper", "code"):
-        raise MoEUnlearnError(f"anchor reduction must be 'paper' or 'code', got {reduction!r}.")
+    if reduction not in ANCHOR_REDUCTIONS:
+        raise MoEUnlearnError(f"anchor reduction must be one of {', '.join(ANCHOR_REDUCTIONS)}; got {reduction!r}.")
+    if form not in ANCHOR_FORMS:
+        raise MoEUnlearnError(f"anchor form must be one of {', '.join(ANCHOR_FORMS)}; got {form!r}.")
     expert_list = [experts] if isinstance(experts, int) else list(experts)
     num_experts = router_logits.shape[-1]
     if not expert_list or any(not 0 <= e < num_experts for e in expert_list):
@@ -375,6 +477,8 @@ def seuf_anchor_loss(
             f"Selected experts {expert_list} must be a non-empty list of indices in [0, {num_experts})."
         )
     scores = router_scores(router_logits, score_fn)
+    if form == "masked_softmax":
+        scores = topk_masked_scores(scores, topk_indices)
     per_token = torch.zeros_like(scores[:, 0])
     for expert in expert_list:
         # One-hot built on the device by an indexed fill: no host→device copy on the hot path.

@@ -2,7 +2,7 @@
 
 Four kinds of loss, combined by the trainer as ``γ·forget + α·retain + anchor_weight·router``:
 
-* ``forget``  — pushes the model away from the forget data (ga, npo, simnpo, rmu, idk);
+* ``forget``  — pushes the model away from the forget data (ga, npo, simnpo, rmu, idk_nll, idk_dpo);
 * ``retain``  — keeps utility on the retain data (nll, kl, rmu_retain; ``none`` is the trainer's);
 * ``router``  — acts on the router of the selected layers (seuf_anchor);
 * ``weighting`` — returns **per-token weights** ``[B, T]`` for the retain loss (trace), not a loss.
@@ -79,6 +79,12 @@ class RegisteredLoss:
 
 _REGISTRY: dict[str, LossSpec] = {}
 
+#: Names that were built-ins once, with what replaced them (shown when such a name is not registered).
+_RENAMED: dict[str, str] = {
+    "idk": "'idk' was split in two: 'idk_nll' (the NLL of the IDK answer, what 'idk' computed) and 'idk_dpo' "
+    "(IdkDPO: DPO with the IDK answer preferred over the true one, against the reference model).",
+}
+
 
 def _check_kind(kind: str) -> None:
     if kind not in LOSS_KINDS:
@@ -146,6 +152,8 @@ def get_loss_spec(name: str, kind: str | None = None) -> LossSpec:
         registered = ", ".join(list_losses(kind)) or "(none)"
         if spec is not None:
             hint = f"{name!r} is a {spec.kind} loss; use it as one."
+        elif name in _RENAMED:
+            hint = _RENAMED[name]
         else:
             hint = f"Register your own with @register_loss({name!r}, kind={kind or 'forget'!r})."
         raise MoEUnlearnError(f"Unknown {label} {name!r}. Registered: {registered}. {hint}")

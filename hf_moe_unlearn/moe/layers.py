@@ -126,23 +126,65 @@ def _router_weight(router: nn.Module) -> torch.Tensor | None:
     return None
 
 
+#: Router classes whose scoring was declared by hand (:func:`register_router_score_fn`), for routers whose source
+#: cannot be read (compiled, generated or pickled classes).
+_SCORE_FN_OVERRIDES: dict[type, str] = {}
+SCORE_FNS = ("softmax", "sigmoid")
+
+
+def register_router_score_fn(router_cls: type, score_fn: str) -> None:
+    """Declare how routers of ``router_cls`` score experts (``"softmax"`` or ``"sigmoid"``).
+
+    Needed only for a router class whose source cannot be read (see :func:`_score_fn_of`); every transformers
+    family is read off its source.
+    """
+    if score_fn not in SCORE_FNS:
+        raise MoEUnlearnError(f"score_fn must be one of {', '.join(SCORE_FNS)}, got {score_fn!r}.")
+    _SCORE_FN_OVERRIDES[router_cls] = score_fn
+    _score_fn_of.cache_clear()
+
+
 @lru_cache(maxsize=None)
 def _score_fn_of(router_cls: type) -> str:
     """Read off a router class's source whether it scores experts by sigmoid (DeepSeek-V3 style) or softmax.
 
     The families disagree and no attribute says which; the source does, and it cannot drift from the code.
+    A class without readable source is an error, not a silent softmax: a wrong guess would give sigmoid
+    families a softmax anchor and wrong routing statistics.
     """
+    if router_cls in _SCORE_FN_OVERRIDES:
+        return _SCORE_FN_OVERRIDES[router_cls]
     try:
         src = inspect.getsource(router_cls)
     except (OSError, TypeError):
-        return "softmax"
+        raise MoEUnlearnError(
+            f"Cannot read the source of router class {router_cls.__qualname__}, so its scoring function (softmax "
+            f"or sigmoid) is unknown. Declare it: hf_moe_unlearn.moe.register_router_score_fn({router_cls.__name__}, "
+            f"'softmax') (or 'sigmoid'), or set `expert_selection_fn = 'softmax'` on each router module."
+        ) from None
     return "sigmoid" if re.search(r"\bsigmoid\(", src) else "softmax"
+
+
+def unwrap_router(router: nn.Module) -> nn.Module:
+    """The router module itself under PEFT's ``ModulesToSaveWrapper`` (what ``train_router=True`` puts there).
+
+    The wrapper's own class says nothing about the scoring; its ``original_module`` (and the trainable copy in
+    ``modules_to_save``) is the family's router class.
+    """
+    seen = set()
+    while id(router) not in seen:
+        seen.add(id(router))
+        inner = getattr(router, "original_module", None)
+        if isinstance(inner, nn.Module):
+            router = inner
+    return router
 
 
 def _score_fn(router: nn.Module) -> str:
     """The router's scoring function; a few families (Cohere2-MoE) choose it per config."""
+    router = unwrap_router(router)
     chosen = getattr(router, "expert_selection_fn", None)
-    if chosen in ("softmax", "sigmoid"):
+    if chosen in SCORE_FNS:
         return chosen
     return _score_fn_of(type(router))
 
@@ -263,6 +305,36 @@ def get_moe_layer(layers: list[MoELayer], index: int) -> MoELayer:
         if layer.index == index:
             return layer
     raise MoEUnlearnError(f"Layer {index} is not an MoE layer of this model; MoE layers are {[l.index for l in layers]}.")
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The module path and the ``nn.ModuleList`` of the decoder layers holding the MoE blocks.
+
+    Read off the MoE blocks' own paths (``model.layers.3.mlp`` → ``model.layers``) rather than a per-family
+    attribute name, so it holds for every family :func:`find_moe_layers` reads. RMU steers the output of one of
+    these layers (the residual stream), which need not be an MoE layer (DeepSeek's first layers are dense).
+    """
+    base = unwrap_model(model)
+    layer = find_moe_layers(base)[0]
+    parts = layer.name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        if parts[cut].isdigit():
+            path = ".".join(parts[:cut])
+            container = base.get_submodule(path)
+            if isinstance(container, nn.ModuleList):
+                return path, container
+    raise MoEUnlearnError(f"Cannot find the list of decoder layers above {layer.name} in {type(base).__name__}.")
+
+
+def parameter_layer(name: str, layers_path: str) -> int | None:
+    """Decoder layer index of a parameter (``...<layers_path>.<i>.…``), under any wrapper prefix; None if outside."""
+    marker = f"{layers_path}."
+    at = _clean_name(name).find(marker)
+    if at < 0:
+        return None
+    rest = _clean_name(name)[at + len(marker):]
+    index = rest.split(".", 1)[0]
+    return int(index) if index.isdigit() else None
 
 
 def config_fingerprint(model: nn.Module) -> str:

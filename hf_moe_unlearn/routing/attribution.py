@@ -3,8 +3,9 @@
 ``attribute_experts`` gives :class:`ExpertStats`; a strategy turns statistics into an
 :class:`ExpertSelection`:
 
-- :func:`select_seuf` — SEUF (Eq. 2 of the paper): rank experts by the mean per-sequence gate score on the
-  forget set; default the single top expert over all layers.
+- :func:`select_seuf` — SEUF (Eq. 2 of the paper): rank experts by the mean per-sequence top-k-masked router
+  probability on the forget set (or, as an option, the gate weight the model applies); default the single top
+  expert over all layers.
 - :func:`select_trace` — TRACE (the project's specification, docs/attribution.md): forget-critical experts
   from forget vs retain routing frequencies.
 - :func:`select_explicit` — a user's mapping, validated against the model.
@@ -22,7 +23,7 @@ from ..errors import MoEUnlearnError
 from ..moe.layers import config_fingerprint, unwrap_model
 from .recorder import RouterRecorder
 from .selection import ExpertSelection
-from .stats import ExpertStats
+from .stats import ExpertStats, check_seuf_score
 
 
 def attribute_experts(
@@ -102,17 +103,28 @@ def attribute_experts(
 
 
 def select_seuf(
-    stats: ExpertStats, top_m: int = 1, per_layer: bool = False, layers: list[int] | None = None
+    stats: ExpertStats,
+    top_m: int = 1,
+    per_layer: bool = False,
+    layers: list[int] | None = None,
+    *,
+    score: str = "masked_softmax",
 ) -> ExpertSelection:
     """SEUF selection: the ``top_m`` experts by Eq. 2 score, over all layers (default) or in each layer.
 
     The paper's finding is that one expert in one layer (``top_m=1``, global) unlearns best; more experts cut
     utility sharply. Shared experts are not routed, so they never appear in the statistics.
+
+    ``score`` is the per-token g that Eq. 2 averages (see :meth:`ExpertStats.seuf_scores`): ``"masked_softmax"``
+    (default, the paper's top-k-masked router probability) or ``"gate"`` (the gate weight the model applies;
+    ranks differently on families that renormalise or scale the top-k). It is recorded in the selection's
+    ``params["score"]``; the selection's ``scores`` and ``stats["seuf_score"]`` hold the values ranked by.
     """
+    check_seuf_score(score)
     if top_m < 1:
         raise MoEUnlearnError(f"top_m must be at least 1, got {top_m}.")
     candidate_layers = layers if layers is not None else stats.layers
-    table = {layer: stats.seuf_scores(layer) for layer in candidate_layers}
+    table = {layer: stats.seuf_scores(layer, score=score) for layer in candidate_layers}
     if per_layer:
         experts = {layer: list(np.argsort(-scores, kind="stable")[:top_m]) for layer, scores in table.items()}
     else:
@@ -128,7 +140,7 @@ def select_seuf(
         scores=scores,
         stats={"seuf_score": {layer: dict(enumerate(map(float, row))) for layer, row in table.items()}},
         model_fingerprint=stats.model_fingerprint,
-        params={"top_m": top_m, "per_layer": per_layer},
+        params={"top_m": top_m, "per_layer": per_layer, "score": score},
     )
 
 
@@ -218,12 +230,21 @@ def select_explicit(model: nn.Module, experts: dict[int, list[int]]) -> ExpertSe
     return selection
 
 
-def forget_concentration(forget: ExpertStats, retain: ExpertStats) -> dict[str, Any]:
-    """How much the forget set concentrates on few experts: per layer, the share of forget-token picks taken by
-    the forget set's top-k experts, next to the share of retain-token picks the same experts take (uniform: k/E).
-    Expert-selective unlearning relies on the first being high and the second low."""
+def forget_concentration(forget: ExpertStats, retain: ExpertStats, *, ratio_threshold: float = 2.0) -> dict[str, Any]:
+    """How much the forget set concentrates on few experts, per layer, two ways.
+
+    ``layers``: the share of forget-token picks taken by the forget set's top-k experts, next to the share of
+    retain-token picks the same experts take (uniform: k/E). Expert-selective unlearning relies on the first
+    being high and the second low.
+
+    ``top_expert``: the forget set's most-used expert e* = argmax_e f_F(l, e) (ties: the lowest id), with
+    f_F(l, e*) and f_R(l, e*) (f: fraction of counted tokens whose top-k contains the expert, as
+    :meth:`ExpertStats.frequency`) and their ratio (None when no retain token picks e*: unbounded). A layer
+    counts in ``layers_at_ratio`` when f_F(e*) >= ``ratio_threshold`` · f_R(e*) and f_F(e*) > 0; SEUF and TRACE
+    report such layers on pretrained MoE LLMs, where the forget domain concentrates on few experts.
+    """
     forget.check_compatible(retain)
-    layers = []
+    layers, top_expert = [], []
     for i, layer in enumerate(forget.layers):
         k = forget.top_k[i]
         f_f, f_r = forget.frequency(layer), retain.frequency(layer)
@@ -231,9 +252,18 @@ def forget_concentration(forget: ExpertStats, retain: ExpertStats) -> dict[str, 
         layers.append({"layer": layer, "experts": [int(e) for e in top],
                        "forget_share": round(float(f_f[top].sum() / k), 4),
                        "retain_share": round(float(f_r[top].sum() / k), 4)})
+        e_star = int(top[0])
+        ff, fr = float(f_f[e_star]), float(f_r[e_star])
+        top_expert.append({"layer": layer, "expert": e_star, "f_forget": round(ff, 4), "f_retain": round(fr, 4),
+                           "ratio": round(ff / fr, 4) if fr > 0 else None,
+                           "at_ratio": bool(ff > 0 and ff >= ratio_threshold * fr)})
     return {
         "uniform": forget.top_k[0] / forget.num_experts[0],
         "layers": layers,
         "mean_forget_share": round(sum(l["forget_share"] for l in layers) / len(layers), 4),
         "mean_retain_share": round(sum(l["retain_share"] for l in layers) / len(layers), 4),
+        "top_expert": top_expert,
+        "ratio_threshold": ratio_threshold,
+        "layers_at_ratio": sum(t["at_ratio"] for t in top_expert),
+        "num_layers": len(layers),
     }

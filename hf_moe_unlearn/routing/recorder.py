@@ -33,7 +33,9 @@ class RoutingOutput:
 
 def expert_scores(logits: torch.Tensor, score_fn: str) -> torch.Tensor:
     """Per-expert router probabilities [N, E] in float32: the softmax, or for sigmoid routers (DeepSeek-V3 style)
-    the sigmoid scores normalised to sum to one, so both read as a distribution over experts."""
+    the sigmoid scores normalised to sum to one, so both read as a distribution over experts. Masked to the top-k,
+    these are SEUF Eq. 2's g (``ExpertStats.seuf_scores``); for sigmoid routers the normalised sigmoid stands in
+    for the paper's softmax."""
     logits = logits.float()
     if score_fn == "sigmoid":
         scores = torch.sigmoid(logits)
@@ -70,7 +72,9 @@ def parse_router_output(output, layer: MoELayer) -> RoutingOutput:
     return RoutingOutput(logits, weights.reshape(indices.shape), indices)
 
 
-ACCUMULATORS = ("hits", "prob_sum", "gate_sum", "seq_gate_mean_sum")
+#: Names of the per-layer/expert sums :meth:`RouterRecorder.raw_tensors` returns (besides ``tokens``/``sequences``),
+#: in the order they are all-reduced; each is a field of :class:`ExpertStats`.
+ACCUMULATORS = ("hits", "prob_sum", "gate_sum", "seq_gate_mean_sum", "seq_masked_prob_mean_sum")
 
 
 def _in_backward() -> bool:
@@ -89,7 +93,11 @@ class RouterRecorder:
     - ``hits``: counted tokens whose top-k contains the expert;
     - ``prob_sum``: sum of the full router probabilities (softmax, or normalised sigmoid);
     - ``gate_sum``: sum of the top-k gate weights as the model uses them (masked, renormalised if it does);
-    - ``seq_gate_mean_sum``: Σ over sequences of the per-sequence mean gate weight (SEUF Eq. 2 numerator);
+    - ``seq_gate_mean_sum``: Σ over sequences of the per-sequence mean gate weight (SEUF Eq. 2 numerator with
+      ``score="gate"``);
+    - ``seq_masked_prob_mean_sum``: Σ over sequences of the per-sequence mean *top-k-masked* router probability:
+      the full probability where the expert is in the token's top-k (the indices the model really used), 0
+      elsewhere, not renormalised — the paper's g, so SEUF Eq. 2's numerator by default;
     - ``tokens`` / ``sequences``: counted tokens and sequences with at least one counted token.
 
     Tokens are counted where ``mask`` (set with :meth:`set_mask` before each forward: attention mask times
@@ -152,7 +160,8 @@ class RouterRecorder:
 
     def reset(self) -> None:
         """Zero the accumulated statistics (the hooks stay attached)."""
-        # Per layer one [2, 3E] float64 accumulator: (counted tokens, per-sequence mean) x (gates, hits, probs).
+        # Per layer one [2, 4E] float64 accumulator:
+        # (counted tokens, per-sequence mean) x (gates, hits, probabilities, top-k-masked probabilities).
         self._acc: dict[int, torch.Tensor] = {}
         self._tokens = None
         self._sequences = None
@@ -202,18 +211,22 @@ class RouterRecorder:
         return self._coeffs
 
     def _record(self, layer: MoELayer, routing: RoutingOutput) -> None:
-        # Few kernels per layer (no bincount, .item() or boolean indexing): the top-k gates, the hits and the full
-        # router probabilities as one dense [N, 3E] matrix, then one matmul with the per-token coefficients gives
-        # every sum at once, added in place to a float64 accumulator (float32 sums promoted by add_).
+        # Few kernels per layer (no bincount, .item() or boolean indexing): the top-k gates, the hits, the full
+        # router probabilities and the top-k-masked probabilities as one dense [N, 4E] matrix, then one matmul
+        # with the per-token coefficients gives every sum at once, added in place to a float64 accumulator
+        # (float32 sums promoted by add_).
         n, num_experts = routing.logits.shape
         device = routing.logits.device
         coeffs = self._token_coefficients(n, device, layer.router_name)
-        dense = torch.zeros(n, 3 * num_experts, device=device, dtype=torch.float32)
-        top_k, hits, probs = dense.split(num_experts, dim=1)
+        dense = torch.zeros(n, 4 * num_experts, device=device, dtype=torch.float32)
+        top_k, hits, probs, masked = dense.split(num_experts, dim=1)
         top_k.scatter_(1, routing.indices, routing.weights.float())
         hits.scatter_(1, routing.indices, 1.0)
         probs.copy_(expert_scores(routing.logits.detach(), layer.score_fn))
-        sums = coeffs @ dense  # [2, 3E]: (counted, per-sequence mean) x (gates, hits, probabilities)
+        # The mask is the model's own top-k (``routing.indices``), which for bias-corrected/grouped routers
+        # (DeepSeek-V3 style) need not be the top-k of the probabilities.
+        torch.mul(probs, hits, out=masked)
+        sums = coeffs @ dense  # [2, 4E]: (counted, per-sequence mean) x (gates, hits, probabilities, masked)
         if layer.index in self._acc:
             self._acc[layer.index].add_(sums)
         else:
@@ -228,10 +241,11 @@ class RouterRecorder:
                 "The recorder counted no token: no forward ran inside it, or every token was masked out "
                 "(padding / no labels). Check the data: empty texts, or labels that are all -100."
             )
-        stacked = torch.stack([self._acc[l.index] for l in self.layers])  # [L, 2, 3E]
-        gates, hits, probs = stacked.split(stacked.shape[-1] // 3, dim=-1)
+        stacked = torch.stack([self._acc[l.index] for l in self.layers])  # [L, 2, 4E]
+        gates, hits, probs, masked = stacked.split(stacked.shape[-1] // 4, dim=-1)
         # counted-token sums (row 0) of hits, probabilities and gates; per-sequence means (row 1) of the gates
-        out = dict(zip(ACCUMULATORS, (hits[:, 0], probs[:, 0], gates[:, 0], gates[:, 1])))
+        # and of the masked probabilities
+        out = dict(zip(ACCUMULATORS, (hits[:, 0], probs[:, 0], gates[:, 0], gates[:, 1], masked[:, 1])))
         out["tokens"] = self._tokens.reshape(1)
         out["sequences"] = self._sequences.reshape(1)
         return out
@@ -253,6 +267,7 @@ class RouterRecorder:
             prob_sum=host["prob_sum"].tolist(),
             gate_sum=host["gate_sum"].tolist(),
             seq_gate_mean_sum=host["seq_gate_mean_sum"].tolist(),
+            seq_masked_prob_mean_sum=host["seq_masked_prob_mean_sum"].tolist(),
             tokens=float(host["tokens"][0]),
             sequences=float(host["sequences"][0]),
             model_fingerprint=config_fingerprint(self.model),

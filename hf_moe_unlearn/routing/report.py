@@ -11,19 +11,26 @@ from .stats import ExpertStats
 def top_experts_table(
     forget: ExpertStats, retain: ExpertStats | None, selection: ExpertSelection, top: int = 3
 ) -> str:
-    """Plain-text table: per layer, the experts forget tokens use most, with retain frequency and ratio;
-    selected experts are starred."""
+    """Plain-text table: per layer, the experts forget tokens use most, with retain frequency, ratio and SEUF
+    score; selected experts are starred.
+
+    The SEUF column uses the score a SEUF selection ranked by (``params["score"]``), else the paper's
+    masked softmax — or the gate score for statistics saved before the masked sums existed, so an old
+    statistics file still prints."""
+    score = selection.params.get("score") if selection.method == "seuf" else None
+    if score is None:
+        score = "masked_softmax" if forget.seq_masked_prob_mean_sum is not None else "gate"
     lines = [f"{'layer':>5}  {'expert':>6}  {'f_forget':>8}  {'f_retain':>8}  {'ratio':>7}  {'seuf':>7}"]
     for layer in forget.layers:
         f_f = forget.frequency(layer)
         f_r = retain.frequency(layer) if retain is not None else None
-        seuf = forget.seuf_scores(layer)
+        seuf = forget.seuf_scores(layer, score=score)
         for e in np.argsort(-f_f, kind="stable")[:top]:
             mark = "*" if e in selection.experts.get(layer, []) else " "
             retain_text = f"{f_r[e]:8.4f}" if f_r is not None else f"{'-':>8}"
             ratio = f"{f_f[e] / max(f_r[e], 1e-6):7.2f}" if f_r is not None else f"{'-':>7}"
             lines.append(f"{layer:>5}  {mark}{e:>5}  {f_f[e]:8.4f}  {retain_text}  {ratio}  {seuf[e]:7.4f}")
-    lines.append(f"* selected ({selection.method}): {selection.experts}")
+    lines.append(f"* selected ({selection.method}): {selection.experts}; seuf = SEUF Eq. 2 score ({score})")
     return "\n".join(lines)
 
 

@@ -16,7 +16,24 @@ from torch import nn
 from ..errors import MoEUnlearnError
 from ..moe.layers import config_fingerprint
 
-STATS_SCHEMA_VERSION = 1
+#: 2 added ``seq_masked_prob_mean_sum`` (SEUF Eq. 2 on the paper's g); version-1 files still load without it.
+STATS_SCHEMA_VERSION = 2
+
+#: What SEUF Eq. 2 averages per token (``ExpertStats.seuf_scores(score=...)``):
+#: ``masked_softmax`` — the paper's g, the full router probability kept on the token's top-k, not renormalised;
+#: ``gate`` — the gate weight as the model applies it (renormalised over the top-k by Mixtral, GPT-OSS and
+#: ``norm_topk_prob=True``; scaled by DeepSeek-V3's ``routed_scaling_factor``; PhiMoE's sparsemixer).
+SEUF_SCORES = ("masked_softmax", "gate")
+
+
+def check_seuf_score(score: str) -> str:
+    """Return ``score`` if it names a SEUF Eq. 2 score, else raise saying which exist."""
+    if score not in SEUF_SCORES:
+        raise MoEUnlearnError(
+            f"Unknown SEUF score {score!r}; use one of: {', '.join(SEUF_SCORES)} ('masked_softmax' is the paper's "
+            f"top-k-masked router probability, 'gate' the gate weight the model applies)."
+        )
+    return score
 
 
 @dataclass
@@ -25,6 +42,7 @@ class ExpertStats:
 
     Row ``i`` of each ``[layer][expert]`` table belongs to decoder layer ``layers[i]``. See
     :class:`~hf_moe_unlearn.routing.recorder.RouterRecorder` for what each accumulator holds.
+    ``seq_masked_prob_mean_sum`` is None for statistics saved before schema version 2.
     """
 
     layers: list[int]
@@ -40,6 +58,7 @@ class ExpertStats:
     model_name: str = ""
     dataset: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    seq_masked_prob_mean_sum: list[list[float]] | None = None
 
     # --- derived quantities ---------------------------------------------------------------------------
     def _row(self, table: list[list[float]], layer: int) -> np.ndarray:
@@ -60,9 +79,26 @@ class ExpertStats:
         """Mean top-k gate weight of each expert over counted tokens (zero where not routed)."""
         return self._row(self.gate_sum, layer) / max(self.tokens, 1.0)
 
-    def seuf_scores(self, layer: int) -> np.ndarray:
-        """SEUF Eq. 2: s(l, e) = 1/Z Σ_j 1/L_j Σ_t g(l, e, t), g the top-k-masked gate weight."""
-        return self._row(self.seq_gate_mean_sum, layer) / max(self.sequences, 1.0)
+    def seuf_scores(self, layer: int, score: str = "masked_softmax") -> np.ndarray:
+        """SEUF Eq. 2: s(l, e) = 1/Z Σ_j 1/L_j Σ_t g(l, e, t), each sequence's mean then the mean over sequences.
+
+        ``score="masked_softmax"`` (the paper's): g is the router probability (softmax; normalised sigmoid for
+        sigmoid routers) where e is in token t's top-k, 0 elsewhere — not renormalised, so a confident choice
+        counts more than a near-tie. ``score="gate"``: g is the gate weight the model applies, which ranks
+        differently where the model renormalises or scales the top-k.
+        """
+        check_seuf_score(score)
+        if score == "gate":
+            table = self.seq_gate_mean_sum
+        elif self.seq_masked_prob_mean_sum is None:
+            raise MoEUnlearnError(
+                "These routing statistics have no top-k-masked router probabilities (seq_masked_prob_mean_sum: "
+                "saved before stats schema version 2), which SEUF's default score='masked_softmax' needs. "
+                "Recompute the statistics with attribute_experts, or ask for score='gate'."
+            )
+        else:
+            table = self.seq_masked_prob_mean_sum
+        return self._row(table, layer) / max(self.sequences, 1.0)
 
     def frequency_table(self) -> np.ndarray:
         """[L, E] matrix of :meth:`frequency` (layers in ``self.layers`` order)."""
@@ -91,8 +127,14 @@ class ExpertStats:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExpertStats":
+        """Read :meth:`to_dict`'s output; version-1 data (no ``seq_masked_prob_mean_sum``) loads with it None."""
         data = dict(data)
-        data.pop("schema_version", None)
+        version = data.pop("schema_version", 1)
+        if version > STATS_SCHEMA_VERSION:
+            raise MoEUnlearnError(
+                f"Routing statistics schema version {version} is newer than this hf-moe-unlearn supports "
+                f"({STATS_SCHEMA_VERSION}); upgrade hf-moe-unlearn or recompute them with attribute_experts."
+            )
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> None:
