@@ -301,11 +301,44 @@ def test_auc_and_privleak_on_fixed_scores():
         privleak(1.5, 0.5)
 
 
-def test_min_k_metric_auc_uses_member_orientation(lm, tok):
-    members, nonmembers = ["aaaa aaaa", "the cat"], ["zq#x", "w!~k"]
-    result = min_k(lm, tok, members, nonmembers)
-    assert result["auc"] == pytest.approx(mia_auc(result["member_scores"], result["nonmember_scores"]))
-    assert result["member_scores"] == pytest.approx(min_k_prob(lm, tok, members))
+def test_min_k_metric_auc_uses_member_orientation(tok):
+    """Members are texts a copy of the tiny LM was fine-tuned on (so it memorised them): the Min-K% AUC must say
+    they are members (> 0.5; here 1.0), and equal sklearn's AUC of Min-K% scores computed by hand (sorted token
+    log-probs of unpadded forwards, mean of the lowest max(1, int(0.4 n)), higher = member)."""
+    from sklearn.metrics import roc_auc_score
+
+    members = ["The red fox ran far.", "Seven owls sang at dawn.", "A tall ship left port.", "Cold rain fell all day."]
+    nonmembers = ["The old dog slept in.", "Nine bees flew at noon.", "A small boat came home.", "Warm wind blew all night."]
+    model = tiny_moe_lm(seed=3)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        ids = [tok(text)["input_ids"] for text in members]
+        model.train()
+        for _ in range(10):  # untrained, the AUC of these texts is 0.5; after 10 epochs 1.0
+            for row in ids:
+                batch = torch.tensor([row])
+                loss = model(input_ids=batch, labels=batch).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        model.eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+    def hand_min_k(text: str, k: float = 0.4) -> float:
+        logprobs = np.sort(hand_token_logprobs(model, tok, "", text).double().numpy())
+        return float(logprobs[: max(1, int(k * len(logprobs)))].mean())
+
+    hand_members = [hand_min_k(t) for t in members]
+    hand_nonmembers = [hand_min_k(t) for t in nonmembers]
+    hand_auc = roc_auc_score([1] * len(members) + [0] * len(nonmembers), hand_members + hand_nonmembers)
+    assert hand_auc > 0.9, (hand_members, hand_nonmembers)  # the fine-tuned copy recognises its training texts
+    result = min_k(model, tok, members, nonmembers, batch_size=3)
+    assert result["member_scores"] == pytest.approx(hand_members, abs=1e-5)
+    assert result["nonmember_scores"] == pytest.approx(hand_nonmembers, abs=1e-5)
+    assert result["auc"] == pytest.approx(hand_auc)
     json.dumps(result)
 
 

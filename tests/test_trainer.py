@@ -139,18 +139,70 @@ def test_seuf_anchor_prevents_routing_shortcut(tmp_path):
     assert after[1.0] > start, (start, after)  # the anchor keeps (here: raises) the share
 
 
-def test_trace_calibration_moves_retain_frequency_toward_forget(tmp_path, tiny_tokenizer):
-    selection = ExpertSelection({1: [0]}, method="trace", stats={"ratio": {1: {0: 5.0}}})
-    trainer = _trainer(tmp_path, tiny_tokenizer, selection=selection, retain_weighting="trace",
-                       anchor_loss_weight=0, max_steps=2)
-    trainer.train()
-    logged = trainer.state.log_history[0]
-    from hf_moe_unlearn.routing import attribute_experts
+def test_trace_calibration_protects_retain_tokens_of_the_selected_expert(tmp_path, tiny_tokenizer):
+    """What TRACE's weighting is for. GradDiff (GA on forget + NLL on retain) on one selected expert, run twice with
+    the same config and seed, with and without TRACE weights; plain SGD, so parameters move by their gradients (after
+    a few Adam steps from a zero LoRA B every weight has moved by about ±lr whatever the loss). With f_F/f_R = 4 the
+    retain tokens routed to the expert weigh ~2 and the others ~0.5, so the retain term must protect exactly the
+    expert's retain tokens more: their NLL, measured unweighted against the untrained model's routing (read with a
+    hook on the router), ends clearly lower with TRACE, the other retain tokens gain nothing comparable, and GA still
+    unlearns the forget tokens the expert handles. The expert is in the last layer, so its LoRA changes only the
+    predictions made at positions routed to it (the trained router moves the others a little).
 
-    plain_retain = attribute_experts(tiny_moe_model("qwen3_moe"), RETAIN, tiny_tokenizer,
-                                     show_progress=False).frequency(1)[0]
-    # The weighted retain share of the critical expert is higher than its plain share (closer to f_F).
-    assert logged["route/L1E0/retain"] > plain_retain
+    Measured when written (seed 0): retain NLL gain on the expert's tokens 0.021 without TRACE, 0.231 with it; on the
+    other retain tokens 2e-5 / 5e-4; forget NLL rise on the expert's tokens 0.0103 / 0.0084. With the weighting
+    replaced by all-ones weights the two runs are identical and the test fails.
+    """
+    layer, expert = 1, 0
+    splits = {"forget": FORGET, "retain": RETAIN}
+
+    def per_prediction(model):
+        """Per split, over its unpadded texts: the NLL of every next-token prediction, and whether the position
+        that made it has ``expert`` in its top-k at ``layer`` (the router's integer output)."""
+        seen = {}
+        handle = model.model.layers[layer].mlp.gate.register_forward_hook(
+            lambda module, inputs, output: seen.__setitem__("topk", next(t for t in output if not t.is_floating_point()))
+        )
+        out = {}
+        try:
+            with torch.no_grad():
+                for split, texts in splits.items():
+                    nll, hit = [], []
+                    for text in texts:
+                        ids = tiny_tokenizer(text)["input_ids"] + [tiny_tokenizer.eos_token_id]
+                        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+                        nll.append(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none"))
+                        hit.append((seen["topk"].reshape(len(ids), -1)[:-1] == expert).any(-1))
+                    out[split] = torch.cat(nll), torch.cat(hit)
+        finally:
+            handle.remove()
+        return out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-reproducible, and fast on a busy 2-core machine
+    try:
+        start = per_prediction(tiny_moe_model("qwen3_moe"))
+        after = {}
+        for weighting in ("none", "trace"):
+            selection = ExpertSelection({layer: [expert]}, method="trace", stats={"ratio": {layer: {expert: 4.0}}})
+            trainer = _trainer(tmp_path / weighting, tiny_tokenizer, selection=selection, retain_weighting=weighting,
+                               forget_loss="ga", retain_loss="nll", anchor_loss_weight=0, optim="sgd",
+                               learning_rate=1.0, lr_scheduler_type="constant", max_steps=8, logging_steps=8)
+            trainer.train()
+            after[weighting] = per_prediction(trainer.model.merge_and_unload().eval())
+    finally:
+        torch.set_num_threads(threads)
+    retain_nll, routed = start["retain"]
+    gain = {w: (retain_nll - after[w]["retain"][0])[routed].mean().item() for w in after}
+    other_gain = {w: (retain_nll - after[w]["retain"][0])[~routed].mean().item() for w in after}
+    forget_nll, forget_routed = start["forget"]
+    forget_rise = {w: (after[w]["forget"][0] - forget_nll)[forget_routed].mean().item() for w in after}
+    # TRACE's extra protection of the expert's retain tokens exceeds the whole effect of the unweighted retain term...
+    assert gain["trace"] - gain["none"] > max(abs(gain["none"]), 1e-3), gain
+    # ...and is specific to them (the other retain tokens are down-weighted, and the expert does not touch them)...
+    assert gain["trace"] - gain["none"] > 10 * abs(other_gain["trace"] - other_gain["none"]), (gain, other_gain)
+    # ...while gradient ascent still raises the NLL of the forget tokens routed to the expert, about as much.
+    assert forget_rise["trace"] > 0.5 * forget_rise["none"] > 0, forget_rise
 
 
 def test_forget_loss_bound_stops_and_keeps_checkpoint(tmp_path, tiny_tokenizer):
@@ -202,7 +254,7 @@ def test_bad_input_errors(tmp_path, tiny_tokenizer):
     with pytest.raises(MoEUnlearnError, match="needs a retain dataset"):
         _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, retain=None)
     with pytest.raises(MoEUnlearnError, match="'I don't know' answers"):
-        _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss="idk")
+        _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss="idk_dpo")
     with pytest.raises(MoEUnlearnError, match="layer 7, which is not an MoE layer"):
         _trainer(tmp_path, tiny_tokenizer, selection={7: [0]})
     with pytest.raises(MoEUnlearnError, match="reference model"):
@@ -217,13 +269,20 @@ def test_bad_input_errors(tmp_path, tiny_tokenizer):
         _trainer(tmp_path, tiny_tokenizer, model=dense)
 
 
-def test_idk_loss_with_prompt_answer_data(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("forget_loss", ["idk_nll", "idk_dpo"])
+def test_idk_loss_with_prompt_answer_data(tmp_path, tiny_tokenizer, forget_loss):
+    import math
+
     forget = [{"prompt": "w1 w2 w3", "answer": "w4 w5", "idk": "w9 w9"} for _ in range(4)]
     retain = [{"prompt": "w50 w51", "answer": "w52 w53"} for _ in range(4)]
-    trainer = _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss="idk", forget=forget,
+    trainer = _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss=forget_loss, forget=forget,
                        retain=retain, max_steps=1)
     trainer.train()
-    assert "forget_loss" in trainer.state.log_history[0]
+    logged = trainer.state.log_history[0]
+    if forget_loss == "idk_dpo":  # θ = ref at the first step: −(2/β)·log σ(0) = 20·log 2 with β = 0.1
+        assert logged["forget_loss"] == pytest.approx(20 * math.log(2), rel=1e-3)
+    else:
+        assert math.isfinite(logged["forget_loss"])
 
 
 def test_hf_argument_parser_roundtrip(tmp_path):
