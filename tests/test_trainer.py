@@ -257,8 +257,6 @@ def test_bad_input_errors(tmp_path, tiny_tokenizer):
         _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss="idk_dpo")
     with pytest.raises(MoEUnlearnError, match="layer 7, which is not an MoE layer"):
         _trainer(tmp_path, tiny_tokenizer, selection={7: [0]})
-    with pytest.raises(MoEUnlearnError, match="reference model"):
-        _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget_loss="npo", adapter="full")
     with pytest.raises(MoEUnlearnError, match="retain_weighting"):
         _args(tmp_path, retain_weighting="sometimes")
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -206,3 +206,17 @@ def test_unknown_anchor_form_is_one_clear_line(tmp_path):
         _args(tmp_path, anchor_form="topk")
     with pytest.raises(MoEUnlearnError, match="seuf_score='prob' is not one of masked_softmax, gate"):
         _args(tmp_path, seuf_score="prob")
+
+
+def test_full_expert_mode_trains_with_reference_losses(tmp_path, tiny_tokenizer):
+    """adapter='full' (the SEUF paper trains the whole expert) with NPO + KL: the reference is the start model
+    (the base tensors stay untouched; tests/test_full_reference.py checks the logits), so NPO starts at
+    (2/β)·log 2 and KL at 0."""
+    import math
+
+    trainer = _trainer(tmp_path, tiny_tokenizer, tiny_moe_model("qwen3_moe"), {1: [0]}, adapter="full",
+                       forget_loss="npo", retain_loss="kl", optim="sgd", learning_rate=0.1)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["forget_loss"] == pytest.approx(2 / 0.1 * math.log(2), rel=1e-4)
+    assert logged["retain_loss"] == pytest.approx(0.0, abs=1e-6)

@@ -12,7 +12,9 @@ row-wise, only where it belongs:
   output): exactly ``x @ (W_e + s B_e A_e)^T``. Cost O(S * tokens * r * (in + out)); the only weight gradients
   are those of A and B, and only the window rows are kept for backward.
 - Full mode: the effective weight ``W.index_add(0, selected, delta)`` is passed to the same ``grouped_mm``; the
-  trainable ``delta`` holds only the S selected experts.
+  trainable ``delta`` holds only the S selected experts. The base tensor is never written (until an explicit
+  ``merge``), so it *is* the selected experts' original weights: with the adapter disabled the layer runs them
+  (the reference model of NPO/KL), at no memory beyond the S slices of ``delta``.
 
 On an H100 the benchmark's 0.49B model (8x1024 tokens) trained at a rate set by the CPU that launches kernels, not
 by the GPU (docs/performance.md), so every aten call added per layer counts: compared with transformers' own experts

@@ -15,7 +15,8 @@ import json
 import os
 import tempfile
 import warnings
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import torch
 from peft import LoraConfig, PeftModelForCausalLM
@@ -140,6 +141,28 @@ class ExpertPeftModel(PeftModelForCausalLM):
         self.expert_mode: str = meta["mode"]
         self.train_router: bool = meta["train_router"]
         self.card_info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------- reference model
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the frozen start model inside the context (the reference of NPO/KL/DPO losses), in both modes.
+
+        No weight is copied in or out: training never writes the base weights. LoRA and full mode keep the selected
+        experts' trainable state beside them (full mode: a delta of the S selected slices, added on the fly), so
+        with our layers disabled the experts run their original weights; trained routers and ``ModuleList`` experts
+        are PEFT ``modules_to_save`` copies, and PEFT's context switches those wrappers to the original modules.
+
+        PEFT marks the active adapter trainable on exit (``set_adapter``), which would unfreeze a model loaded with
+        ``is_trainable=False`` or built with ``inference_mode=True``; here every parameter's ``requires_grad`` is put
+        back as it was, also when the body raises.
+        """
+        flags = [(param, param.requires_grad) for param in self.parameters()]
+        try:
+            with super().disable_adapter():
+                yield
+        finally:
+            for param, requires_grad in flags:
+                param.requires_grad_(requires_grad)
 
     # ------------------------------------------------------------------------------------------- introspection
     def fast_layers(self) -> dict[str, SelectedExpertsLayer]:
