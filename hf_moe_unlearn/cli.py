@@ -9,6 +9,7 @@ Bad input (a missing file, an empty dataset, a dense model, ...) prints one clea
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -95,6 +96,17 @@ class UnlearnScriptArguments:
     model: str = field(metadata={"help": "Local path or Hub name of the MoE causal LM."})
     forget: str = field(metadata={"help": "Forget data: .txt, .jsonl, .parquet, .csv or a saved dataset."})
     retain: str | None = field(default=None, metadata={"help": "Retain data (same formats)."})
+    holdout: str | None = field(
+        default=None,
+        metadata={"help": "Text of the same kind as the forget set that the model never saw (same formats): turns "
+                          "the evaluation on; with --stop_at_holdout, training stops when the forget probe's NLL "
+                          "reaches the holdout's."},
+    )
+    forget_probe: str | None = field(
+        default=None,
+        metadata={"help": "Probe set whose NLL is compared with the holdout's (default: a fixed sample of the "
+                          "forget set, --forget_probe_size examples)."},
+    )
 
 
 def _add_unlearn_parser(sub) -> None:
@@ -117,13 +129,19 @@ def run_unlearn(args: argparse.Namespace) -> int:
     script, config = parser.parse_args_and_config(args=args.extra)
     forget = load_texts(script.forget, "forget set")
     retain = load_texts(script.retain, "retain set") if script.retain else None
+    holdout = load_texts(script.holdout, "holdout set") if script.holdout else None
+    forget_probe = load_texts(script.forget_probe, "forget probe set") if script.forget_probe else None
     model, tokenizer = _load_model_and_tokenizer(script.model)
     trainer = MoEUnlearnTrainer(model, config, forget_dataset=forget, retain_dataset=retain,
-                                processing_class=tokenizer)
+                                processing_class=tokenizer, holdout_dataset=holdout,
+                                forget_probe_dataset=forget_probe)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
     trainer.save_state()
     trainer.create_model_card()
+    stop = trainer.stop_callback
+    if stop is not None and stop.outcome is not None and stop.outcome_level < logging.WARNING:
+        print(stop.outcome)  # warnings reach stderr through logging already
     print(f"adapter, selection and config saved to {config.output_dir}")
     return 0
 

@@ -63,6 +63,18 @@ class MoEUnlearnConfig(TrainingArguments):
 
     Data:
         max_length: tokens per example (longer ones are cut).
+
+    Stopping when the forget set is forgotten (docs/unlearning.md; the holdout and forget probe sets are given to
+    the trainer as ``holdout_dataset`` / ``forget_probe_dataset``, or ``--holdout`` / ``--forget_probe`` in the CLI):
+        forget_probe_size: examples of the forget set (a fixed, seeded sample) whose mean token NLL is logged as
+            ``eval_forget_probe_nll``, unless a separate forget probe set is given (used whole).
+        retain_probe_size: examples of the retain set (fixed, seeded) logged as ``eval_retain_nll``.
+        stop_at_holdout: stop at the first evaluation (after step 0) where the probe's mean NLL reaches the
+            holdout's (``eval_forget_probe_nll >= eval_holdout_nll``): the forget set then looks like unseen text.
+        max_retain_nll_rise: retain guard: stop when the retain NLL exceeds its step-0 value by more than this
+            fraction (0.5 = +50%); None disables it.
+        eval_steps: evaluate every N steps (default here 10). A holdout set or ``max_retain_nll_rise`` turns the
+            evaluation on (``eval_strategy="steps"`` when it is ``"no"``, plus ``eval_on_start``).
     """
 
     # --- losses
@@ -124,6 +136,25 @@ class MoEUnlearnConfig(TrainingArguments):
     )
     # --- data
     max_length: int = field(default=512, metadata={"help": "Maximum tokens per example."})
+    # --- stopping when forgotten (the holdout / forget probe sets are trainer arguments or CLI flags)
+    forget_probe_size: int = field(
+        default=64, metadata={"help": "Forget examples (fixed, seeded sample) whose NLL is logged at each evaluation, "
+                                      "unless a separate forget probe set is given."}
+    )
+    retain_probe_size: int = field(
+        default=64, metadata={"help": "Retain examples (fixed, seeded sample) whose NLL is logged at each evaluation."}
+    )
+    stop_at_holdout: bool = field(
+        default=False, metadata={"help": "Stop at the first evaluation where the forget probe's mean NLL reaches the "
+                                         "holdout's (needs a holdout set)."}
+    )
+    max_retain_nll_rise: float | None = field(
+        default=None, metadata={"help": "Stop when the retain NLL rises above its step-0 value by more than this "
+                                        "fraction (0.5 = +50%%); None: no guard."}
+    )
+    eval_steps: float | None = field(
+        default=10, metadata={"help": "Evaluate every N steps (on when a holdout or max_retain_nll_rise is given)."}
+    )
     # --- TrainingArguments defaults that differ (SEUF's lr; log often enough to see routing move)
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (SEUF: 1e-4)."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
@@ -154,5 +185,12 @@ class MoEUnlearnConfig(TrainingArguments):
                 raise MoEUnlearnError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
         if self.anchor_loss_weight < 0 or self.forget_loss_weight < 0 or self.retain_loss_weight < 0:
             raise MoEUnlearnError("Loss weights must be non-negative.")
+        if self.forget_probe_size < 1 or self.retain_probe_size < 1:
+            raise MoEUnlearnError("forget_probe_size and retain_probe_size must be at least 1.")
+        if self.max_retain_nll_rise is not None and self.max_retain_nll_rise <= 0:
+            raise MoEUnlearnError(
+                f"max_retain_nll_rise={self.max_retain_nll_rise} must be > 0: it is the largest allowed relative rise "
+                f"of the retain NLL over its step-0 value (0.5 = +50%). Use None to disable the guard."
+            )
         if self.retain_weighting == "trace" and self.retain_loss == "none":
             raise MoEUnlearnError("retain_weighting='trace' reweights the retain loss: set retain_loss to nll or kl.")

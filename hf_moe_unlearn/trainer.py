@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer, set_seed
+from transformers.trainer_utils import IntervalStrategy
 
 from .config import MoEUnlearnConfig
 from .data.text import PaddingCollator, counted_mask, tokenize_dataset
@@ -29,6 +30,8 @@ from .losses import LossContext, get_loss
 from .losses.builtin import trace_retain_shares
 from .losses.functional import routing_share
 from .moe.layers import decoder_layers, find_moe_layers, parameter_layer, unwrap_model
+from .probe import (HOLDOUT, PROBE, RETAIN, StopWhenForgottenCallback, check_counted, first_logged, fixed_sample,
+                    nll_sums)
 from .routing import ExpertSelection, RouterRecorder, attribute_experts, select_seuf, select_trace, trace_scores
 
 RETAIN_PREFIX = "retain_"
@@ -74,6 +77,11 @@ class MoEUnlearnTrainer(Trainer):
             ``args.selection`` or computed with ``args.selection_method``.
         peft_config: unused unless you built the adapter config yourself with ``expert_lora_config``; then it
             must describe the same selection.
+        holdout_dataset: text of the same kind as the forget set that the model never saw (same formats). Giving
+            it turns the evaluation on: every ``eval_steps`` the mean token NLL of the forget probe, the holdout and
+            a retain sample are logged, and ``stop_at_holdout`` can stop the run when the probe reaches the holdout.
+        forget_probe_dataset: the probe whose NLL should rise to the holdout's; default: a fixed, seeded sample
+            (``forget_probe_size``) of the forget set.
     """
 
     # compute_loss returns a per-batch mean: let the Trainer divide by the accumulation steps.
@@ -88,6 +96,8 @@ class MoEUnlearnTrainer(Trainer):
         processing_class=None,
         selection: ExpertSelection | dict | str | None = None,
         peft_config=None,
+        holdout_dataset=None,
+        forget_probe_dataset=None,
         **kwargs: Any,
     ) -> None:
         args = args if args is not None else MoEUnlearnConfig(output_dir="moe-unlearn-output")
@@ -95,6 +105,7 @@ class MoEUnlearnTrainer(Trainer):
             raise MoEUnlearnError("args must be a MoEUnlearnConfig (a TrainingArguments subclass).")
         find_moe_layers(model)  # a dense model fails here, before anything else
         self._resolve_losses(args, retain_dataset)
+        self._check_probe_args(args, holdout_dataset, retain_dataset, kwargs)
         if processing_class is not None and processing_class.pad_token_id is None:
             processing_class.pad_token = processing_class.eos_token
         forget = tokenize_dataset(forget_dataset, processing_class, args.max_length, name="forget set")
@@ -128,10 +139,16 @@ class MoEUnlearnTrainer(Trainer):
             model.card_info.update(method=self._method_name(args), losses=self._loss_names(args))
         collator = PaddingCollator(processing_class.pad_token_id if processing_class is not None else 0)
         train_dataset = PairedForgetRetainDataset(forget, retain, seed=args.seed)
+        probe_sets = self._probe_sets(args, forget, retain, holdout_dataset, forget_probe_dataset, processing_class)
+        evaluating = self._turn_on_evaluation(args, holdout_dataset is not None)
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-            processing_class=processing_class, **kwargs,
+            processing_class=processing_class, eval_dataset=probe_sets, **kwargs,
         )
+        self.stop_callback: StopWhenForgottenCallback | None = None
+        if evaluating:
+            self.stop_callback = StopWhenForgottenCallback(args.stop_at_holdout, args.max_retain_nll_rise)
+            self.add_callback(self.stop_callback)
         self.recorder = RouterRecorder(self.model, layers=self.selection.layers, accumulate=False, keep_current=True)
         self._needs_hidden = "hidden" in self.loss_requirements
         self._layers_path, self._decoder_layers = decoder_layers(self.model)
@@ -158,13 +175,6 @@ class MoEUnlearnTrainer(Trainer):
             raise MoEUnlearnError(
                 f"retain loss '{args.retain_loss}' needs a retain dataset: pass retain_dataset=..., or set "
                 f"retain_loss='none' (plain gradient ascent / NPO without a retain term)."
-            )
-        if "reference" in requirements and args.adapter != "lora":
-            needing = [fn.name for fn in (self.forget_loss_fn, self.retain_loss_fn, self.weighting_fn)
-                       if fn is not None and "reference" in fn.requires]
-            raise MoEUnlearnError(
-                f"Losses {needing} need the reference model, which is the base model with the LoRA adapter "
-                f"disabled: use adapter='lora'."
             )
 
     @staticmethod
@@ -468,6 +478,119 @@ class MoEUnlearnTrainer(Trainer):
                 logs[name] = round(float(torch.stack([v.float() for v in values]).mean()), 6)
             self._metrics.clear()
         super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------------- stopping when forgotten
+    @staticmethod
+    def _check_probe_args(args: MoEUnlearnConfig, holdout_dataset, retain_dataset, kwargs: dict[str, Any]) -> None:
+        """Refuse, before any work, the stopping settings no run could honour."""
+        if "eval_dataset" in kwargs:
+            raise MoEUnlearnError(
+                "MoEUnlearnTrainer evaluates its own sets (the forget probe, the holdout and a retain sample): pass "
+                "holdout_dataset=... and optionally forget_probe_dataset=... instead of eval_dataset; "
+                "trainer.evaluate(eval_dataset=...) measures any other data's NLL."
+            )
+        if args.stop_at_holdout and holdout_dataset is None:
+            raise MoEUnlearnError(
+                "stop_at_holdout=True needs a holdout set to stop at: pass holdout_dataset=... (CLI: --holdout FILE), "
+                "text of the same kind as the forget set that the model never saw."
+            )
+        if args.max_retain_nll_rise is not None and retain_dataset is None:
+            raise MoEUnlearnError(
+                f"max_retain_nll_rise={args.max_retain_nll_rise} guards the retain NLL, but there is no retain set: "
+                f"pass retain_dataset=... (CLI: --retain FILE), or leave max_retain_nll_rise unset."
+            )
+
+    @staticmethod
+    def _probe_sets(args: MoEUnlearnConfig, forget, retain, holdout_dataset, forget_probe_dataset, tokenizer):
+        """The tokenised sets every evaluation measures, fixed once (the same rows every time, in every process)."""
+        def tokenized(data, name: str):
+            data = fixed_sample(tokenize_dataset(data, tokenizer, args.max_length, name=name), None, args.seed)
+            check_counted(data, name, args.max_length)
+            return data
+
+        if forget_probe_dataset is not None:
+            sets = {PROBE: tokenized(forget_probe_dataset, "forget probe set")}
+        else:
+            sets = {PROBE: fixed_sample(forget, args.forget_probe_size, args.seed)}
+            check_counted(sets[PROBE], "forget set", args.max_length)
+        if holdout_dataset is not None:
+            sets[HOLDOUT] = tokenized(holdout_dataset, "holdout set")
+        if retain is not None:
+            sets[RETAIN] = fixed_sample(retain, args.retain_probe_size, args.seed)
+        return sets
+
+    @staticmethod
+    def _turn_on_evaluation(args: MoEUnlearnConfig, has_holdout: bool) -> bool:
+        """A holdout (or the retain guard) turns the Trainer's own step evaluation on, with one evaluation before
+        any update: the log then starts with the start values, and the retain guard has its baseline."""
+        if args.eval_strategy == IntervalStrategy.NO and not has_holdout and args.max_retain_nll_rise is None:
+            return False
+        if args.eval_strategy == IntervalStrategy.NO:
+            args.eval_strategy = IntervalStrategy.STEPS
+            args.eval_steps = 10 if args.eval_steps is None else args.eval_steps
+            if args.eval_steps > 1:
+                args.eval_steps = int(args.eval_steps)
+        args.eval_on_start = True
+        return True
+
+    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Mean token NLL of the forget probe, the holdout and the retain sample, logged and passed to the callbacks.
+
+        The Trainer calls this every ``eval_steps`` (and at step 0). Its default evaluation loop would compute
+        ``compute_loss``, which here is the unlearning loss, so the NLLs are computed directly, without gradients
+        and with the model in eval mode. Metrics: ``eval_forget_probe_nll``, ``eval_holdout_nll``,
+        ``eval_retain_nll``, ``eval_holdout_gap`` (holdout − probe: ≤ 0 once forgotten) and
+        ``eval_retain_nll_rise`` (relative to step 0). ``eval_dataset`` (a dataset, list of texts, or a
+        ``{name: data}`` dict): measure that data instead (``eval_nll`` / ``eval_<name>_nll``).
+        """
+        if eval_dataset is None:
+            sets = self.eval_dataset
+        else:
+            named = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
+            sets = {}
+            for name, data in named.items():
+                label = f"{name or 'evaluation'} set"
+                sets[name] = fixed_sample(tokenize_dataset(data, self.processing_class, self.args.max_length,
+                                                           name=label), None, self.args.seed)
+                check_counted(sets[name], label, self.args.max_length)
+        nlls = self._mean_nlls(sets)
+        metrics = {f"{metric_key_prefix}_{name}_nll" if name else f"{metric_key_prefix}_nll": value
+                   for name, value in nlls.items()}
+        if eval_dataset is None:
+            if HOLDOUT in nlls:
+                metrics[f"{metric_key_prefix}_{HOLDOUT}_gap"] = nlls[HOLDOUT] - nlls[PROBE]
+            if RETAIN in nlls:
+                start = first_logged(self.state.log_history, f"{metric_key_prefix}_{RETAIN}_nll")
+                start = nlls[RETAIN] if start is None else start
+                metrics[f"{metric_key_prefix}_{RETAIN}_nll_rise"] = nlls[RETAIN] / start - 1
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _mean_nlls(self, sets: dict) -> dict[str, float]:
+        """Mean token NLL of each set. Each process measures a share; the NLL sums and token counts are summed
+        over processes, so every process gets the same values (and takes the same stop decision)."""
+        model = self.model  # under DDP the bare model: no collective runs in its forward
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()
+        self.recorder.enabled = False  # evaluation must not touch the routing statistics
+        self._hidden_split = "eval"
+        try:
+            sums = torch.stack([
+                nll_sums(model, data, self.data_collator, self.args.per_device_eval_batch_size, self.args.device,
+                         self.accelerator.process_index, self.accelerator.num_processes,
+                         autocast=self.compute_loss_context_manager)
+                for data in sets.values()
+            ])
+        finally:
+            for module, training in modes:
+                module.training = training
+            self.recorder.enabled = True
+            self._captured_hidden.pop("eval", None)
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        return {name: float(total / count) for name, (total, count) in zip(sets, sums.tolist())}
 
     # ------------------------------------------------------------------------------------------- saving
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
