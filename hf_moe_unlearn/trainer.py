@@ -29,7 +29,8 @@ from .errors import MoEUnlearnError
 from .losses import LossContext, get_loss
 from .losses.builtin import trace_retain_shares
 from .losses.functional import routing_share
-from .moe.layers import decoder_layers, find_moe_layers, parameter_layer, unwrap_model
+from .evaluation.scoring import inference_mode
+from .moe.layers import clean_module_name, decoder_layers, find_moe_layers, parameter_layer, unwrap_model
 from .probe import (HOLDOUT, PROBE, RETAIN, StopWhenForgottenCallback, check_counted, first_logged, fixed_sample,
                     nll_sums)
 from .routing import ExpertSelection, RouterRecorder, attribute_experts, select_seuf, select_trace, trace_scores
@@ -238,8 +239,8 @@ class MoEUnlearnTrainer(Trainer):
         a run would look like SEUF (or RMU) while it trains something else.
         """
         trainable = self._trainable_layers()
-        hooks_feed_loss = self.anchor_loss_fn is not None or self._needs_hidden or any(
-            r == "router_logits" for r in self.loss_requirements)
+        hooks_feed_loss = (self.anchor_loss_fn is not None or self._needs_hidden
+                           or "router_logits" in self.loss_requirements)
         kwargs = args.gradient_checkpointing_kwargs or {}
         if args.gradient_checkpointing and kwargs.get("use_reentrant", True) and hooks_feed_loss:
             raise MoEUnlearnError(
@@ -250,9 +251,10 @@ class MoEUnlearnTrainer(Trainer):
         if self.anchor_loss_fn is not None:
             for index in self.selection.layers:
                 layer = self.moe_layers[index]
-                router_trains = any(layer.router_name in _clean(n) for n in trainable)
+                router_trains = any(layer.router_name in clean_module_name(n) for n in trainable)
                 upstream = [n for n, at in trainable.items()
-                            if (at is not None and (at < index or (at == index and layer.name not in _clean(n))))
+                            if (at is not None and (at < index or (at == index
+                                                                   and layer.name not in clean_module_name(n))))
                             or (at is None and "embed" in n)]
                 if not router_trains and not upstream:
                     raise MoEUnlearnError(
@@ -361,17 +363,13 @@ class MoEUnlearnTrainer(Trainer):
             self.recorder.enabled = False  # the reference's routing must not overwrite this step's
             # The reference is the frozen start model: deterministic (eval mode: no dropout, no router jitter or
             # sampled routing), whatever mode training is in; each module's mode is restored afterwards.
-            modes = [(module, module.training) for module in model.modules()]
-            model.eval()
             try:
-                with torch.no_grad(), unwrap_peft(model).disable_adapter():
+                with inference_mode(model), unwrap_peft(model).disable_adapter():
                     self._hidden_split = f"ref_{split}"
                     cache[split] = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
                     if f"ref_{split}" in self._captured_hidden:
                         hidden_cache[split] = self._captured_hidden.pop(f"ref_{split}")
             finally:
-                for module, training in modes:
-                    module.training = training
                 self.recorder.enabled = True
 
         def logits(split: str) -> torch.Tensor:
@@ -572,20 +570,17 @@ class MoEUnlearnTrainer(Trainer):
         """Mean token NLL of each set. Each process measures a share; the NLL sums and token counts are summed
         over processes, so every process gets the same values (and takes the same stop decision)."""
         model = self.model  # under DDP the bare model: no collective runs in its forward
-        modes = [(module, module.training) for module in model.modules()]
-        model.eval()
         self.recorder.enabled = False  # evaluation must not touch the routing statistics
         self._hidden_split = "eval"
         try:
-            sums = torch.stack([
-                nll_sums(model, data, self.data_collator, self.args.per_device_eval_batch_size, self.args.device,
-                         self.accelerator.process_index, self.accelerator.num_processes,
-                         autocast=self.compute_loss_context_manager)
-                for data in sets.values()
-            ])
+            with inference_mode(model):
+                sums = torch.stack([
+                    nll_sums(model, data, self.data_collator, self.args.per_device_eval_batch_size, self.args.device,
+                             self.accelerator.process_index, self.accelerator.num_processes,
+                             autocast=self.compute_loss_context_manager)
+                    for data in sets.values()
+                ])
         finally:
-            for module, training in modes:
-                module.training = training
             self.recorder.enabled = True
             self._captured_hidden.pop("eval", None)
         if self.accelerator.num_processes > 1:
@@ -613,14 +608,6 @@ class MoEUnlearnTrainer(Trainer):
         model = unwrap_peft(self.model)
         if hasattr(model, "card_info"):
             model.card_info["eval_results"] = dict(results)
-
-
-def _clean(name: str) -> str:
-    """A parameter name without PEFT's ``base_model.model.`` / ``modules_to_save.default`` decorations."""
-    for prefix in ("module.", "base_model.model."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

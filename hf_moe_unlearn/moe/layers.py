@@ -100,7 +100,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _clean_name(name: str) -> str:
+def clean_module_name(name: str) -> str:
     """Strip wrapper prefixes (PEFT's ``base_model.model.``, DDP's ``module.``) and PEFT's ``base_layer``."""
     for prefix in ("module.", "base_model.model.", "_orig_mod."):
         while name.startswith(prefix):
@@ -237,7 +237,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     layers: list[MoELayer] = []
     unreadable: list[str] = []
     for raw_name, module in base.named_modules():
-        name = _clean_name(raw_name)
+        name = clean_module_name(raw_name)
         leaf = name.rsplit(".", 1)[-1]
         if leaf != "experts" or "base_layer" in raw_name:  # PEFT's inner copies are reached from the outer one
             continue
@@ -329,10 +329,11 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def parameter_layer(name: str, layers_path: str) -> int | None:
     """Decoder layer index of a parameter (``...<layers_path>.<i>.…``), under any wrapper prefix; None if outside."""
     marker = f"{layers_path}."
-    at = _clean_name(name).find(marker)
+    name = clean_module_name(name)
+    at = name.find(marker)
     if at < 0:
         return None
-    rest = _clean_name(name)[at + len(marker):]
+    rest = name[at + len(marker):]
     index = rest.split(".", 1)[0]
     return int(index) if index.isdigit() else None
 
