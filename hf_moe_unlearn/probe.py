@@ -112,15 +112,11 @@ class StopWhenForgottenCallback(TrainerCallback):
     Args:
         stop_at_holdout: stop at the first evaluation where the probe's NLL reaches the holdout's.
         max_retain_nll_rise: stop when the retain NLL exceeds its step-0 value by more than this fraction.
-        force_final_evaluation: evaluate at the last step too, so the log (and the end-of-run line) shows the
-            state the run ends in, whatever ``eval_steps`` is.
     """
 
-    def __init__(self, stop_at_holdout: bool = False, max_retain_nll_rise: float | None = None,
-                 force_final_evaluation: bool = True) -> None:
+    def __init__(self, stop_at_holdout: bool = False, max_retain_nll_rise: float | None = None) -> None:
         self.stop_at_holdout = stop_at_holdout
         self.max_retain_nll_rise = max_retain_nll_rise
-        self.force_final_evaluation = force_final_evaluation
         self._reset()
 
     def _reset(self) -> None:
@@ -137,10 +133,6 @@ class StopWhenForgottenCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._reset()
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if self.force_final_evaluation and state.max_steps and state.global_step >= state.max_steps:
-            control.should_evaluate = True
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     metrics: dict[str, float] | None = None, **kwargs: Any):

@@ -43,3 +43,11 @@ def test_two_processes_match_one(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
         changed |= bool(a[key].abs().sum() > 0)
     assert changed  # the run trained something
+    # Evaluations (holdout, forget probe, retain sample; every step and at step 0): each process logs the values
+    # summed over both processes' shares, equal to the single-process ones.
+    one = json.loads((tmp_path / "one" / "evals_rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"evals_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and [e["step"] for e in one] == [e["step"] for e in ranks[0]] == [0, 1, 2, 3]
+    for a, b in zip(one, ranks[0]):
+        for key in ("eval_forget_probe_nll", "eval_holdout_nll", "eval_retain_nll"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key

@@ -10,7 +10,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import make_tiny_tokenizer
@@ -123,15 +122,17 @@ def test_default_probe_is_a_fixed_seeded_sample_of_the_forget_set(tmp_path, lear
 
 def test_stop_at_holdout_stops_at_first_evaluation_reaching_it(tmp_path, learned_state, caplog):
     tokenizer = make_tiny_tokenizer()
-    trainer = _trainer(tmp_path, learned_state, stop_at_holdout=True, max_steps=30, eval_steps=2,
-                       save_strategy="steps", save_steps=1000)
+    # constant lr 5: the probe passes the holdout by 0.25 at step 6 (gap 1.95 at step 5), so a stop rule off by
+    # more than that stops elsewhere
+    trainer = _trainer(tmp_path, learned_state, stop_at_holdout=True, max_steps=30, save_strategy="steps",
+                       save_steps=1000, learning_rate=5.0, lr_scheduler_type="constant")
     with caplog.at_level(logging.INFO, logger="hf_moe_unlearn.probe"):
         trainer.train()
     evals = _evals(trainer)
     reached = [e["step"] for e in evals if e["step"] > 0 and e["eval_forget_probe_nll"] >= e["eval_holdout_nll"]]
     assert reached and 0 < reached[0] < 30
     assert trainer.state.global_step == reached[0] == evals[-1]["step"]
-    assert [e["step"] for e in evals] == list(range(0, reached[0] + 1, 2))
+    assert [e["step"] for e in evals] == list(range(reached[0] + 1))  # eval_steps=1, and one at step 0
     assert trainer.stop_callback.stop_reason == "forgotten" and trainer.stop_callback.reached_step == reached[0]
     messages = [r.getMessage() for r in caplog.records if r.name == "hf_moe_unlearn.probe"]
     assert messages == [f"forget probe NLL {evals[-1]['eval_forget_probe_nll']:.2f} reached the holdout's "
@@ -154,7 +155,7 @@ def test_budget_out_warning_and_metrics_in_trainer_state(tmp_path, learned_state
     with caplog.at_level(logging.INFO, logger="hf_moe_unlearn.probe"):
         trainer.train()
     evals = _evals(trainer)
-    assert [e["step"] for e in evals] == [0, 2, 4, 5]  # and one at the end, whatever eval_steps is
+    assert [e["step"] for e in evals] == [0, 2, 4, 5]  # the Trainer evaluates at the last step too
     assert trainer.state.global_step == 5 and trainer.stop_callback.stop_reason is None
     last = evals[-1]
     assert last["eval_forget_probe_nll"] < last["eval_holdout_nll"]
@@ -189,6 +190,21 @@ def test_retain_guard_stops(tmp_path, learned_state, caplog):
         f"{evals[-1]['eval_retain_nll']:.2f}: training stopped. The model is losing what it should keep: lower "
         f"learning_rate or raise retain_loss_weight."]
     assert "eval_holdout_nll" not in evals[0]
+
+
+def test_retain_baseline_survives_resume(tmp_path, learned_state):
+    """The retain guard's baseline is the step-0 value, also in a run resumed from a checkpoint (it is read back
+    from the restored log history)."""
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, max_retain_nll_rise=100.0, learning_rate=5.0,
+              lr_scheduler_type="constant")
+    full = _trainer(tmp_path, learned_state, **kw)
+    full.train()
+    resumed = _trainer(tmp_path, learned_state, **kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    a, b = _evals(full)[-1], _evals(resumed)[-1]
+    assert a["step"] == b["step"] == 4 and b["eval_retain_nll_rise"] > 0.01
+    assert b["eval_retain_nll_rise"] == pytest.approx(b["eval_retain_nll"] / _evals(full)[0]["eval_retain_nll"] - 1)
+    assert b["eval_retain_nll_rise"] == pytest.approx(a["eval_retain_nll_rise"], rel=1e-4)
 
 
 def test_evaluation_does_not_change_training(tmp_path, learned_state):
