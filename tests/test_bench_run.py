@@ -1,7 +1,8 @@
 """The benchmark driver end to end on a micro benchmark, and its input checks.
 
-The micro run pre-trains for two steps and unlearns for two: the numbers mean nothing, but every stage
-(pre-training cache, unlearning, each metric, reports) runs, and the reports must hold what they claim.
+The micro run pre-trains for two steps and unlearns for two (at each learning rate of the micro grid): the numbers
+mean nothing, but every stage (pre-training cache, unlearning trajectories, matching, each metric, reports) runs,
+and the reports must hold what they claim. The matching itself is tested in test_matched_forgetting.py.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import pytest
 
 from hf_moe_unlearn.bench.commands import add_bench_parser, add_demo_parser, parse_seeds
 from hf_moe_unlearn.bench.pretrain import PretrainSettings
-from hf_moe_unlearn.bench.run import COLUMNS, DEMO_METHODS, METHODS, BenchBudget, resolve_methods, run_benchmark
+from hf_moe_unlearn.bench.run import (COLUMNS, DEMO_METHODS, MATCHED_COLUMNS, METHODS, BenchBudget, resolve_methods,
+                                      run_benchmark)
 from hf_moe_unlearn.errors import MoEUnlearnError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 _METHOD = "GradDiff+SEUF"
 
@@ -32,7 +36,8 @@ def test_reports_are_written_with_reference_and_method_rows(micro_run):
     workdir, result = micro_run
     table = (workdir / "results.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| run |"))
-    assert [c.strip() for c in header.strip("|").split("|")] == ["run", *COLUMNS]
+    assert [c.strip() for c in header.strip("|").split("|")] == ["run", *MATCHED_COLUMNS]
+    assert set(COLUMNS) <= set(MATCHED_COLUMNS)  # every metric column is in the matched-forgetting table
     body = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert body == ["run", "target", "retrain", _METHOD]
 
@@ -83,6 +88,17 @@ def test_bad_seeds_and_size_are_rejected(tmp_path):
         BenchBudget.preset("huge")
 
 
+def test_budget_presets_share_one_grid_spanning_one_expert_to_all_experts():
+    for size in ("small", "full"):
+        budget = BenchBudget.preset(size)
+        assert len(budget.learning_rates) >= 3 and budget.learning_rates == tuple(sorted(budget.learning_rates))
+        # LoRA on all experts forgets at 2e-3; one expert needs about 10x that: the grid spans both.
+        assert budget.learning_rates[0] <= 2e-3 and budget.learning_rates[-1] >= 2e-2
+        assert budget.steps % budget.eval_every == 0
+    assert BenchBudget.preset("small", steps=None, learning_rates=None) == BenchBudget.preset("small")
+    assert BenchBudget.preset("small", learning_rates=[6e-3, 2e-3, 6e-3]).learning_rates == (2e-3, 6e-3)
+
+
 def test_baselines_train_all_experts_and_seuf_methods_use_the_anchor():
     for name, spec in METHODS.items():
         assert spec.all_experts == ("SEUF" not in name and "TRACE" not in name), name
@@ -98,9 +114,15 @@ def test_cli_parsers_set_defaults_and_func():
     bench = parser.parse_args(["bench", "--methods", "GA,NPO", "--seeds", "1,2", "--forget_setting", "entities"])
     assert (bench.methods, bench.seeds, bench.size, bench.forget_setting) == ("GA,NPO", "1,2", "full", "entities")
     assert callable(bench.func)
-    demo = parser.parse_args(["demo"])
+    assert (bench.steps, bench.learning_rates, bench.eval_every, bench.forget_target, bench.match) == (
+        None, None, None, None, "forget")  # None: the size's preset, the retrain model's forget MCQ + 0.05
+    demo = parser.parse_args(["demo", "--steps", "20", "--learning_rates", "2e-3,2e-2", "--eval_every", "5",
+                              "--forget_target", "0.4", "--match", "none"])
     assert demo.forget_setting == "domain" and callable(demo.func)
+    assert (demo.steps, demo.learning_rates, demo.eval_every, demo.forget_target, demo.match) == (
+        "20", "2e-3,2e-2", "5", "0.4", "none")
     assert set(DEMO_METHODS) <= set(METHODS)
+    assert DEMO_METHODS == ("GradDiff", "GradDiff+SEUF", "NPO+SEUF", "TRACE", "SEUF+TRACE")
 
 
 def test_rmu_rows_steer_one_layer_and_differ_in_experts_only(tmp_path):

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import MoEUnlearnError
 from .run import DEMO_METHODS, METHODS, run_benchmark
 
-__all__ = ["add_bench_parser", "add_demo_parser", "run_bench", "run_demo", "parse_seeds"]
+__all__ = ["add_bench_parser", "add_demo_parser", "parse_learning_rates", "parse_seeds", "run_bench", "run_demo"]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -28,11 +28,59 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def parse_learning_rates(text: str) -> list[float]:
+    """``"2e-3,6e-3,2e-2"`` → ``[0.002, 0.006, 0.02]``; empty, non-numeric or non-positive values are an error."""
+    try:
+        rates = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise MoEUnlearnError(
+            f"--learning_rates must be a comma list of numbers such as 2e-3,6e-3,2e-2; got {text!r}.") from None
+    if not rates:
+        raise MoEUnlearnError("--learning_rates is empty; give at least one learning rate, e.g. --learning_rates 2e-3.")
+    bad = [r for r in rates if not r > 0 or r == float("inf")]
+    if bad:
+        raise MoEUnlearnError(f"--learning_rates must be positive finite numbers; got {', '.join(map(repr, bad))}.")
+    return rates
+
+
+def _positive_int(flag: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise MoEUnlearnError(f"{flag} must be a positive integer; got {text!r}.") from None
+    if value < 1:
+        raise MoEUnlearnError(f"{flag} must be a positive integer; got {value}.")
+    return value
+
+
+def _forget_target(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise MoEUnlearnError(f"--forget_target must be a forget MCQ accuracy in [0, 1]; got {text!r}.") from None
+    if not 0.0 <= value <= 1.0:
+        raise MoEUnlearnError(f"--forget_target must be a forget MCQ accuracy in [0, 1]; got {value:g}.")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser, default_output: str) -> None:
     p.add_argument("--forget_setting", choices=["domain", "entities"], default="domain",
                    help="domain: forget a whole topical domain (WMDP-like); entities: a share of entities (TOFU-like)")
     p.add_argument("--output", default=default_output, help="directory for results.md/.json, tradeoff.png, model cache")
     p.add_argument("--device", default=None, help="cpu to force the CPU (default: a GPU if there is one)")
+    p.add_argument("--steps", default=None, help="unlearning steps of every trajectory (default: the size's preset)")
+    p.add_argument("--learning_rates", default=None,
+                   help="comma list: the learning-rate grid every method is trained with (default: the size's preset)")
+    p.add_argument("--eval_every", default=None, help="probe forget/utility MCQ every N steps (default: preset)")
+    p.add_argument("--forget_target", default=None,
+                   help="forget MCQ accuracy every method must reach (default: the retrain model's + 0.05)")
+    p.add_argument("--match", choices=["forget", "none"], default="forget",
+                   help="forget: compare at matched forgetting (default); none: one shared budget (one learning rate), "
+                        "every method evaluated after --steps")
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -48,7 +96,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     """The ``demo`` subcommand: the small benchmark with a handful of methods (minutes on 2 CPU cores)."""
-    p = subparsers.add_parser("demo", help=f"Small end-to-end benchmark: {', '.join(DEMO_METHODS)} (≈10 min on 2 CPUs).")
+    p = subparsers.add_parser(
+        "demo",
+        help=f"Small end-to-end benchmark at matched forgetting: {', '.join(DEMO_METHODS)} (< 10 min on 2 CPUs).")
     p.add_argument("--seeds", default="0", help="comma list of unlearning seeds")
     _add_common(p, "runs/demo")
     p.set_defaults(func=run_demo)
@@ -59,11 +109,19 @@ def _run(args: argparse.Namespace, methods: Any, size: str) -> int:
     import datasets
 
     datasets.disable_progress_bars()  # one "Tokenizing" bar per dataset per method drowns the progress lines
+    seeds = parse_seeds(args.seeds)
+    options = dict(
+        steps=_positive_int("--steps", args.steps), eval_every=_positive_int("--eval_every", args.eval_every),
+        learning_rates=None if args.learning_rates is None else parse_learning_rates(args.learning_rates),
+        forget_target=_forget_target(args.forget_target), match=args.match,
+    )
     start = time.perf_counter()
-    result = run_benchmark(methods, parse_seeds(args.seeds), size=size, workdir=args.output, device=args.device,
-                           forget_setting=args.forget_setting)
+    result = run_benchmark(methods, seeds, size=size, workdir=args.output, device=args.device,
+                           forget_setting=args.forget_setting, **options)
     print()
     print(result["table"])
+    for line in result["summary"]:
+        print(line)
     print(f"wall time: {time.perf_counter() - start:.0f}s (pre-training {result['pretrain_seconds']:.0f}s, "
           f"{'cached' if result['pretrain_reused'] else 'trained'}; device {result['device']}, "
           f"{result['torch_threads']} torch threads)")

@@ -1,4 +1,4 @@
-"""Results as a markdown table and a forget-vs-utility trade-off plot.
+"""Results as markdown tables and forget-vs-utility trade-off plots (points, or trajectories).
 
 The plot is drawn on a bare matplotlib ``Figure`` with the Agg canvas rather than through ``pyplot``:
 that writes a PNG without a display and without switching the global matplotlib backend of the
@@ -11,10 +11,11 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import MoEUnlearnError
 
-__all__ = ["plot_tradeoff", "results_table"]
+__all__ = ["matched_table", "plot_tradeoff", "plot_trajectories", "results_table"]
 
 _MISSING = "–"
 
@@ -82,6 +83,103 @@ def plot_tradeoff(
     axes.set_ylabel(y_metric)
     axes.set_title(title or f"{y_metric} vs {x_metric}")
     axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def matched_table(
+    rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str], *, precision: int = 3, spread_suffix: str = "_std"
+) -> str:
+    """Markdown table like :func:`results_table`, for rows that mix text and numbers and carry a spread.
+
+    A text cell (e.g. "2/3" seeds reached, a learning rate) is written as is; a number as in
+    :func:`results_table`, followed by " ± s" when the row also holds ``column + spread_suffix``; a missing
+    value (or None) as "–". Other value types (lists, dicts) are rejected.
+    """
+    if not rows:
+        raise MoEUnlearnError("matched_table: no rows given.")
+    columns = list(columns)
+    lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "|".join("---:" for _ in columns) + "|"]
+    for name, metrics in rows.items():
+        cells = []
+        for column in columns:
+            value = metrics.get(column)
+            if isinstance(value, str):
+                cells.append(value)
+                continue
+            cell = _format(name, column, value, precision)
+            spread = metrics.get(column + spread_suffix)
+            if value is not None and _is_number(spread):
+                cell += f" ± {float(spread):.{precision}f}"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_trajectories(
+    lines: Mapping[str, Sequence[Sequence[Mapping[str, float]]]],
+    path: str | Path,
+    *,
+    x_metric: str,
+    y_metric: str,
+    highlight: Mapping[str, Sequence[Mapping[str, float]]] | None = None,
+    references: Mapping[str, Mapping[str, float]] | None = None,
+    x_line: float | None = None,
+    x_line_label: str | None = None,
+    title: str | None = None,
+) -> Path:
+    """Trajectories of ``y_metric`` against ``x_metric``, one colour per label, saved as PNG at ``path``.
+
+    Args:
+        lines: ``{label: [trajectory, ...]}``, a trajectory being the probe points (mappings holding both metrics)
+            in training order; several trajectories of one label (e.g. seeds) share its colour and legend entry.
+        highlight: ``{label: [point, ...]}`` drawn as large stars in the label's colour (e.g. the matched points).
+        references: ``{name: row}`` drawn as black markers with their name (e.g. the target and retrain rows).
+        x_line, x_line_label: a dashed vertical line (e.g. the forget target) and its legend entry.
+
+    Points lacking either metric are skipped; it is an error if nothing is left to draw.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def xy(points):
+        kept = [(float(p[x_metric]), float(p[y_metric])) for p in points
+                if _is_number(p.get(x_metric)) and _is_number(p.get(y_metric))]
+        return [x for x, _ in kept], [y for _, y in kept]
+
+    drawable = any(xy(t)[0] for trajectories in lines.values() for t in trajectories)
+    drawable = drawable or any(xy([row])[0] for row in (references or {}).values())
+    if not drawable:
+        raise MoEUnlearnError(f"plot_trajectories: no point has both {x_metric!r} and {y_metric!r}.")
+    figure = Figure(figsize=(7, 5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for index, (label, trajectories) in enumerate(lines.items()):
+        colour = f"C{index % 10}"
+        for number, trajectory in enumerate(trajectories):
+            xs, ys = xy(trajectory)
+            axes.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.2, alpha=0.85, color=colour,
+                      label=label if number == 0 else None)
+        marks = xy((highlight or {}).get(label, []))
+        if marks[0]:
+            axes.scatter(*marks, marker="*", s=180, color=colour, edgecolors="black", linewidths=0.8, zorder=5)
+    for marker, (name, row) in zip("sD^v<>", (references or {}).items()):
+        xs, ys = xy([row])
+        if xs:
+            axes.scatter(xs, ys, marker=marker, s=60, color="black", zorder=6)
+            axes.annotate(name, (xs[0], ys[0]), textcoords="offset points", xytext=(6, -10), fontsize=8)
+    if x_line is not None:
+        axes.axvline(x_line, linestyle="--", color="grey", linewidth=1, label=x_line_label)
+    if highlight:
+        axes.scatter([], [], marker="*", s=120, color="white", edgecolors="black", label="matched point")
+    axes.set_xlabel(x_metric)
+    axes.set_ylabel(y_metric)
+    axes.set_title(title or f"{y_metric} vs {x_metric}", fontsize=9)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
