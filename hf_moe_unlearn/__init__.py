@@ -39,6 +39,8 @@ _EXPORTS = {
     "build_model_card": "adapter",
     # training
     "MoEUnlearnConfig": "config",
+    "DEFAULT_LEARNING_RATES": "config",
+    "default_learning_rate": "config",
     "MoEUnlearnTrainer": "trainer",
     # losses
     "register_loss": "losses.registry",

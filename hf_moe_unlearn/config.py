@@ -13,6 +13,27 @@ from transformers import TrainingArguments
 from .errors import MoEUnlearnError
 
 
+#: AdamW learning rate used when ``learning_rate`` is left unset, by what trains. Expert-selective LoRA changes a
+#: small part of the model (tokens routed elsewhere never see it), so it needs about ten times the learning rate of
+#: LoRA on every expert to forget as much in as many steps. Chosen with ``hf-moe-unlearn bench`` on the built-in
+#: benchmark (docs/benchmark.md, "Default learning rates"): these are the rates at which every demo method reaches
+#: the forget target with ``stop_at_holdout`` in the default budget. They are for the benchmark's tiny models; on a
+#: billion-parameter MoE start an order of magnitude lower (SEUF trains one full expert at 1e-4) and let
+#: ``stop_at_holdout`` and ``max_retain_nll_rise`` say when to stop.
+DEFAULT_LEARNING_RATES: dict[str, float] = {
+    "lora": 2e-2,  # LoRA on the selected experts (SEUF, TRACE)
+    "lora_every_expert": 6e-3,  # LoRA on every expert of each trained layer (the "LoRA (all)" baseline)
+    "full": 6e-3,  # the selected experts' full weights
+}
+
+
+def default_learning_rate(adapter: str, every_expert: bool) -> float:
+    """The learning rate of :data:`DEFAULT_LEARNING_RATES` for an adapter mode and selection."""
+    if adapter == "lora" and every_expert:
+        return DEFAULT_LEARNING_RATES["lora_every_expert"]
+    return DEFAULT_LEARNING_RATES[adapter]
+
+
 @dataclass
 class MoEUnlearnConfig(TrainingArguments):
     r"""Configuration of :class:`~hf_moe_unlearn.MoEUnlearnTrainer`.
@@ -55,6 +76,8 @@ class MoEUnlearnConfig(TrainingArguments):
         attribution_max_tokens: forget/retain tokens used for attribution (SEUF: ~100k suffice).
 
     What trains:
+        learning_rate: None (default) picks :func:`default_learning_rate` for the adapter mode and the selection
+            once the trainer knows the selection (LoRA on a few experts needs about 10x LoRA on every expert).
         adapter: ``lora`` (default) or ``full`` (full weights of the selected experts, as the SEUF paper).
         lora_r, lora_alpha: LoRA rank and alpha. train_router: also train the selected layers' routers.
         deterministic_routing: keep the MoE blocks in eval mode during training (default True): routers with
@@ -156,7 +179,11 @@ class MoEUnlearnConfig(TrainingArguments):
         default=10, metadata={"help": "Evaluate every N steps (on when a holdout or max_retain_nll_rise is given)."}
     )
     # --- TrainingArguments defaults that differ (SEUF's lr; log often enough to see routing move)
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (SEUF: 1e-4)."})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "AdamW learning rate; default by what trains (DEFAULT_LEARNING_RATES): 2e-2 for LoRA on the "
+                          "selected experts, 6e-3 for LoRA on every expert, 6e-3 for full experts."},
+    )
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
     # Forget and retain halves of a batch travel as `retain_*` keys the model's forward does not take.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: batches carry retain_* keys."})
@@ -185,6 +212,9 @@ class MoEUnlearnConfig(TrainingArguments):
                 raise MoEUnlearnError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
         if self.anchor_loss_weight < 0 or self.forget_loss_weight < 0 or self.retain_loss_weight < 0:
             raise MoEUnlearnError("Loss weights must be non-negative.")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise MoEUnlearnError(
+                f"learning_rate={self.learning_rate} must be > 0, or None for the default of the adapter mode.")
         if self.forget_probe_size < 1 or self.retain_probe_size < 1:
             raise MoEUnlearnError("forget_probe_size and retain_probe_size must be at least 1.")
         if self.max_retain_nll_rise is not None and self.max_retain_nll_rise <= 0:

@@ -12,6 +12,7 @@ accumulation, mixed precision, checkpointing and resuming are the Trainer's own.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import defaultdict
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
-from .config import MoEUnlearnConfig
+from .config import MoEUnlearnConfig, default_learning_rate
 from .data.text import PaddingCollator, counted_mask, tokenize_dataset
 from .errors import MoEUnlearnError
 from .losses import LossContext, get_loss
@@ -34,6 +35,8 @@ from .moe.layers import clean_module_name, decoder_layers, find_moe_layers, para
 from .probe import (HOLDOUT, PROBE, RETAIN, StopWhenForgottenCallback, check_counted, first_logged, fixed_sample,
                     nll_sums)
 from .routing import ExpertSelection, RouterRecorder, attribute_experts, select_seuf, select_trace, trace_scores
+
+logger = logging.getLogger(__name__)
 
 RETAIN_PREFIX = "retain_"
 
@@ -134,6 +137,7 @@ class MoEUnlearnTrainer(Trainer):
                 base, self.selection, r=args.lora_r, lora_alpha=args.lora_alpha, train_router=args.train_router,
                 mode=args.adapter,
             )
+        self._default_learning_rate(args, base)
         self.critical_ratios = self._critical_ratios(base, args, forget, retain, processing_class)
         self.moe_layers = {layer.index: layer for layer in find_moe_layers(model)}
         if hasattr(model, "card_info"):
@@ -196,6 +200,17 @@ class MoEUnlearnTrainer(Trainer):
             self._stats_cache[split] = attribute_experts(base, data, tokenizer, name=f"{split} set",
                                                          **self._attribution_kwargs(args))
         return self._stats_cache[split]
+
+    def _default_learning_rate(self, args: MoEUnlearnConfig, base) -> None:
+        """Fill ``args.learning_rate`` when unset: it depends on what trains, known only once the selection is."""
+        if args.learning_rate is not None:
+            return
+        sizes = {layer.index: layer.num_experts for layer in find_moe_layers(base)}
+        every_expert = all(len(set(ids)) >= sizes[l] for l, ids in self.selection.experts.items())
+        args.learning_rate = default_learning_rate(args.adapter, every_expert)
+        logger.info("learning_rate not set: %g, the default for %s (DEFAULT_LEARNING_RATES)", args.learning_rate,
+                    "full experts" if args.adapter == "full" else
+                    "LoRA on every expert" if every_expert else "LoRA on the selected experts")
 
     def _resolve_selection(self, base, args, selection, forget, retain, tokenizer) -> ExpertSelection:
         if selection is not None:

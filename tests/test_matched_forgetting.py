@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from transformers import TrainerControl
 
 from hf_moe_unlearn.bench.pretrain import PretrainSettings, pretrain_models
 from hf_moe_unlearn.bench.run import (
@@ -129,6 +130,18 @@ def test_callback_probes_in_eval_mode_without_grad_and_restores_the_modes():
     assert [p["step"] for p in callback.points] == [3] and set(callback.states) == {3}
 
 
+def test_callback_stops_the_run_at_the_first_point_meeting_stop_when():
+    model = torch.nn.Linear(2, 2)
+    values = iter([0.9, 0.5, 0.2, 0.1])
+    callback = TrajectoryCallback(lambda m: {"forget_mcq": next(values)}, 1, stop_when=lambda p: p["forget_mcq"] <= 0.3)
+    control = TrainerControl()
+    for step in (1, 2):
+        callback.on_step_end(None, type("S", (), {"global_step": step, "max_steps": 10})(), control, model=model)
+        assert not control.should_training_stop
+    callback.on_step_end(None, type("S", (), {"global_step": 3, "max_steps": 10})(), control, model=model)
+    assert control.should_training_stop and [p["step"] for p in callback.points] == [1, 2, 3]
+
+
 @pytest.fixture(scope="module")
 def micro_pair(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("matched-pair")
@@ -137,13 +150,20 @@ def micro_pair(tmp_path_factory):
     return workdir, benchmark, pair
 
 
-def test_callback_records_step_zero_every_k_steps_and_the_last_step(micro_pair):
+def _probed_graddiff(micro_pair, steps: int):
+    """GradDiff on the micro pair for ``steps`` steps at lr 5e-2, probed every 2 steps; the live LoRA model."""
     workdir, benchmark, pair = micro_pair
-    budget = BenchBudget.preset("micro", steps=5, eval_every=2)
+    budget = BenchBudget.preset("micro", steps=steps, eval_every=2)
     data = _eval_data(benchmark, budget)
     callback = TrajectoryCallback(lambda m: probe_metrics(m, pair.tokenizer, data), budget.eval_every)
     model, _ = _unlearn(pair.target, pair.tokenizer, benchmark, METHODS["GradDiff"], budget, 0, workdir, "cpu",
                         learning_rate=5e-2, callbacks=[callback], merge=False)
+    return model, callback, data, budget
+
+
+def test_callback_records_step_zero_every_k_steps_and_the_last_step(micro_pair):
+    pair = micro_pair[2]
+    model, callback, data, _ = _probed_graddiff(micro_pair, steps=5)
     assert [p["step"] for p in callback.points] == [0, 2, 4, 5]
     assert sorted(callback.states) == [0, 2, 4, 5]
     assert all(set(PROBE_METRICS) <= set(p) for p in callback.points)
@@ -156,11 +176,7 @@ def test_callback_records_step_zero_every_k_steps_and_the_last_step(micro_pair):
 
 def test_state_restored_at_a_probe_point_reproduces_its_probe_values(micro_pair):
     workdir, benchmark, pair = micro_pair
-    budget = BenchBudget.preset("micro", steps=4, eval_every=2)
-    data = _eval_data(benchmark, budget)
-    callback = TrajectoryCallback(lambda m: probe_metrics(m, pair.tokenizer, data), budget.eval_every)
-    model, _ = _unlearn(pair.target, pair.tokenizer, benchmark, METHODS["GradDiff"], budget, 0, workdir, "cpu",
-                        learning_rate=5e-2, callbacks=[callback], merge=False)
+    model, callback, data, budget = _probed_graddiff(micro_pair, steps=4)
     final = trainable_state(model)
     middle = callback.states[2]
     assert any(not torch.equal(middle[n], final[n]) for n in final)  # restoring step 2 really changes the model
@@ -207,8 +223,13 @@ def test_results_json_holds_every_trajectory_the_choices_and_the_full_rows(match
     assert saved["match"] == "forget" and saved["budget"]["learning_rates"] == [2e-3, 5e-2]
     runs = {(t["method"], t["seed"], t["lr"]) for t in saved["trajectories"]}
     assert runs == {(m, s, lr) for m in _METHODS for s in _SEEDS for lr in (2e-3, 5e-2)}
+    target = saved["forget_target"]
     for trajectory in saved["trajectories"]:
-        assert [p["step"] for p in trajectory["points"]] == [0, 1, 2]  # micro: 2 steps, probed every step
+        # micro: 2 steps, probed every step; a trajectory ends at its first point reaching the target
+        steps = [p["step"] for p in trajectory["points"]]
+        reaching = [p["step"] for p in trajectory["points"] if p["forget_mcq"] <= target + 1e-9]
+        assert steps == [0, 1, 2][: (reaching[0] + 1 if reaching else 3)]
+        assert trajectory["first_reached_step"] == (reaching[0] if reaching else None)
         assert all(set(PROBE_METRICS) <= set(p) for p in trajectory["points"])
     # The choices follow the rule when recomputed from the saved trajectories.
     assert len(saved["choices"]) == len(_METHODS) * len(_SEEDS)
@@ -237,6 +258,8 @@ def test_results_md_has_the_matched_table_and_one_line_per_method(matched_run):
     workdir, result = matched_run
     text = (workdir / "results.md").read_text()
     assert "## Matched forgetting" in text and f"forget MCQ <= {result['forget_target']:.3f}" in text
+    c = result["forget_concentration"]
+    assert f"retain share in {c['layers_at_ratio']} of {c['num_layers']} layers" in text
     header = next(line for line in text.splitlines() if line.startswith("| run |"))
     assert [c.strip() for c in header.strip("|").split("|")] == ["run", *MATCHED_COLUMNS]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
@@ -311,6 +334,7 @@ def test_a_target_the_retrain_model_misses_is_refused(micro_pair):
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--eval_every", "ten"], "--eval_every must be a positive integer"),
     (["--forget_target", "2"], r"in \[0, 1\]"),
+    (["--threads", "0"], "--threads must be a positive integer"),
 ])
 @pytest.mark.parametrize("command", ["bench", "demo"])
 def test_cli_bad_flags_give_one_line_and_exit_2(tmp_path, capsys, command, flags, message):

@@ -38,7 +38,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ __all__ = [
     "choose_matched",
     "evaluate_model",
     "load_trainable_state",
+    "method_selection",
     "probe_metrics",
     "resolve_methods",
     "run_benchmark",
@@ -85,6 +86,9 @@ class MethodSpec:
     selection_method: str = "seuf"
     anchor_loss_weight: float = 0.0
     retain_weighting: str = "none"
+    adapter: str = "lora"
+    retain_loss_weight: float = 1.0
+    seuf_top_m: int = 1
 
     def config_fields(self) -> dict[str, Any]:
         """The ``MoEUnlearnConfig`` fields of this method (``all_experts`` is handled by the caller)."""
@@ -485,6 +489,25 @@ def rmu_layer_for(seuf_selection, num_layers: int) -> int:
     return min(num_layers - 1, max(2, max(seuf_selection.layers)))
 
 
+def method_selection(method: MethodSpec, model, rmu_layer: int | None = None, seuf_selection=None):
+    """The explicit expert selection a method trains, or None for the trainer's own (SEUF/TRACE attribution).
+
+    Baselines select every expert of every MoE layer (RMU: of layers ℓ−2..ℓ); "RMU+SEUF" the SEUF selection that
+    ``rmu_layer`` was chosen for.
+    """
+    from ..moe import find_moe_layers
+
+    rmu = method.forget_loss == "rmu"
+    if method.all_experts:
+        layers = find_moe_layers(model)
+        if rmu:
+            layers = [layer for layer in layers if rmu_layer - 2 <= layer.index <= rmu_layer]
+        return {layer.index: list(range(layer.num_experts)) for layer in layers}
+    if rmu and method.selection_method == "seuf":
+        return seuf_selection
+    return None
+
+
 def _unlearn(target, tokenizer, benchmark: SyntheticBenchmark, method: MethodSpec, budget: BenchBudget,
              seed: int, workdir: Path, device: str | None, rmu_layer: int | None = None, seuf_selection=None, *,
              learning_rate: float | None = None, callbacks: Sequence[TrainerCallback] = (), merge: bool = True):
@@ -494,19 +517,11 @@ def _unlearn(target, tokenizer, benchmark: SyntheticBenchmark, method: MethodSpe
     bound to it for the run). ``merge``: return the merged plain model (True) or the live LoRA model (False).
     """
     from ..config import MoEUnlearnConfig
-    from ..moe import find_moe_layers
     from ..trainer import MoEUnlearnTrainer
 
     model = copy.deepcopy(target).train()
-    selection = None
     rmu = method.forget_loss == "rmu"
-    if method.all_experts:
-        layers = find_moe_layers(model)
-        if rmu:
-            layers = [layer for layer in layers if rmu_layer - 2 <= layer.index <= rmu_layer]
-        selection = {layer.index: list(range(layer.num_experts)) for layer in layers}
-    elif rmu and method.selection_method == "seuf":
-        selection = seuf_selection  # the selection rmu_layer was chosen for
+    selection = method_selection(method, model, rmu_layer, seuf_selection)
     retain = None if method.retain_loss == "none" else benchmark.retain_text
     config = MoEUnlearnConfig(
         output_dir=str(workdir / "unlearn-scratch"), **method.config_fields(), max_steps=budget.steps,
@@ -566,12 +581,17 @@ class TrajectoryCallback(TrainerCallback):
     :func:`probe_metrics` in eval mode); every submodule's mode is restored afterwards, and while it runs the
     trainer's router recorder is paused and its captured hidden states are kept, so training goes on exactly as
     without probes (the probes draw no random numbers either).
+
+    ``stop_when(point)`` ends the run at the first probe point for which it is true (the bench passes "reaches
+    the forget target": the matched point is the first such point, so later ones would be trained for nothing).
     """
 
-    def __init__(self, probe, eval_every: int, *, keep_states: bool = True) -> None:
+    def __init__(self, probe, eval_every: int, *, keep_states: bool = True,
+                 stop_when: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self.probe = probe
         self.eval_every = _check_positive_int("eval_every", eval_every)
         self.keep_states = keep_states
+        self.stop_when = stop_when
         self.points: list[dict[str, Any]] = []
         self.states: dict[int, dict[str, torch.Tensor]] = {}
         self.trainer = None
@@ -582,14 +602,14 @@ class TrajectoryCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._record(model, state.global_step)
+        self._record(model, state.global_step, control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         if step % self.eval_every == 0 or step >= state.max_steps:
-            self._record(model, step)
+            self._record(model, step, control)
 
-    def _record(self, model, step: int) -> None:
+    def _record(self, model, step: int, control=None) -> None:
         if self.points and self.points[-1]["step"] == step:
             return
         recorder = getattr(self.trainer, "recorder", None)
@@ -613,6 +633,11 @@ class TrajectoryCallback(TrainerCallback):
         self.points.append({"step": int(step), **values})
         if self.keep_states:
             self.states[int(step)] = trainable_state(model)
+        if control is not None and self.stop_when is not None and self.stop_when(self.points[-1]):
+            # Later points cannot be chosen (the matched point is the first one reaching the target), so training
+            # them is wasted time. The Trainer reads the flag after each step: a target met at step 0 still
+            # trains one step, which nothing uses.
+            control.should_training_stop = True
 
 
 def _reaches(point: dict[str, Any], target: float) -> bool:
@@ -866,7 +891,8 @@ def run_benchmark(
             runs: dict[float, tuple[Any, dict[int, list[int]], TrajectoryCallback]] = {}
             for lr in budget.learning_rates:
                 t0 = time.perf_counter()
-                callback = TrajectoryCallback(probe, budget.eval_every)
+                callback = TrajectoryCallback(probe, budget.eval_every,
+                                              stop_when=(lambda p: _reaches(p, target)) if match == "forget" else None)
                 model, experts = _unlearn(pair.target, tokenizer, benchmark, METHODS[name], budget, seed, workdir,
                                           device, rmu_layer=rmu_layer, seuf_selection=seuf_selection,
                                           learning_rate=lr, callbacks=[callback], merge=False)
@@ -932,6 +958,15 @@ def run_benchmark(
     return result
 
 
+def _concentration_line(c: dict[str, Any]) -> str:
+    """How concentrated the forget set's routing is on the target (:func:`~hf_moe_unlearn.routing.forget_concentration`)."""
+    ratios = ", ".join("–" if t["ratio"] is None else f"{t['ratio']:.2f}" for t in c["top_expert"])
+    return (f"Forget concentration (target): per layer, the forget set's top-k experts take {c['mean_forget_share']:.2f} "
+            f"of forget-token picks and {c['mean_retain_share']:.2f} of retain-token picks (uniform {c['uniform']:.2f}); "
+            f"the forget set's most-used expert gets >= {c['ratio_threshold']:g}x its retain share in "
+            f"{c['layers_at_ratio']} of {c['num_layers']} layers (forget/retain ratio per layer: {ratios}).")
+
+
 def _markdown_report(result: dict[str, Any]) -> str:
     seeds = ", ".join(map(str, result["seeds"]))
     budget = result["budget"]
@@ -957,10 +992,7 @@ def _markdown_report(result: dict[str, Any]) -> str:
         f"target model {result['rows']['target']['forget_mcq']:.3f}, retrain model "
         f"{result['rows']['retrain']['forget_mcq']:.3f}).\n\n"
         f"{how}\n\n"
-        f"Forget concentration (target): per layer, the forget set's top-k experts take "
-        f"{result['forget_concentration']['mean_forget_share']:.2f} of forget-token picks and "
-        f"{result['forget_concentration']['mean_retain_share']:.2f} of retain-token picks (uniform "
-        f"{result['forget_concentration']['uniform']:.2f}).\n\n"
+        f"{_concentration_line(result['forget_concentration'])}\n\n"
         "Lower is better: forget_mcq, forget_knowmem, verbmem, ppl_general, relearn_mcq. Higher: forget_quality, "
         "retain_knowmem, utility_mcq. privleak: closer to 0. Reference rows: target (nothing forgotten) and "
         "retrain (never saw the forget set). routing_share: '–' when every expert was trained.\n\n"
