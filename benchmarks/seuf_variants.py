@@ -1,7 +1,8 @@
 """Can SEUF do better where it loses? Variants of GradDiff+SEUF in the matched-forgetting bench.
 
 Runs ``run_benchmark`` with the baseline, GradDiff+SEUF and variants of it registered under extra names
-(a heavier retain loss, two experts instead of one), everything else as ``hf-moe-unlearn bench``:
+(a heavier retain loss, two experts instead of one, no router anchor; and, as the control, the all-experts
+baseline with the heavier retain loss), everything else as ``hf-moe-unlearn bench``:
 
     python benchmarks/seuf_variants.py --size full --seeds 0,1,2 --output runs/seuf-variants
 
@@ -20,6 +21,7 @@ def main() -> None:
     parser.add_argument("--size", default="full", choices=["small", "full", "concentrated"])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--output", default="runs/seuf-variants")
+    parser.add_argument("--methods", default=None, help="comma list of the names above (default: all)")
     parser.add_argument("--variants_only", action="store_true",
                         help="skip the GradDiff and GradDiff+SEUF rows (compare with a bench run on the same pair)")
     args = parser.parse_args()
@@ -36,9 +38,13 @@ def main() -> None:
         "GradDiff+SEUF retain x5": dataclasses.replace(seuf, retain_loss_weight=5.0),
         "GradDiff+SEUF top-2": dataclasses.replace(seuf, seuf_top_m=2),
         "GradDiff+SEUF no anchor": dataclasses.replace(seuf, anchor_loss_weight=0.0),
+        # the control: does the heavier retain loss help the all-experts baseline as much?
+        "GradDiff retain x5": dataclasses.replace(METHODS["GradDiff"], retain_loss_weight=5.0),
     }
     METHODS.update(variants)  # this process only: run_benchmark looks methods up by name
     names = [*variants] if args.variants_only else ["GradDiff", "GradDiff+SEUF", *variants]
+    if args.methods:
+        names = args.methods.split(",")
     result = run_benchmark(names, [int(s) for s in args.seeds.split(",")],
                            size=args.size, workdir=args.output)
     print(result["table"])

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
+from .data.text import check_max_length
 from .errors import MoEUnlearnError
 
 
@@ -189,7 +191,17 @@ class MoEUnlearnConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: batches carry retain_* keys."})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except MoEUnlearnError:
+            raise
+        except ValueError as err:  # TrainingArguments' own checks: one clear line, as ours
+            raise MoEUnlearnError(" ".join(str(err).split())) from err
+        # Pinned memory needs an accelerator: without one the DataLoader warns at every epoch and pins nothing.
+        # (TrainingArguments turns it off for use_cpu only. An explicit True cannot be told from the default here;
+        # with no accelerator it could not take effect anyway.)
+        if self.dataloader_pin_memory and not _accelerator_available():
+            self.dataloader_pin_memory = False
         # Our LoRA sits in the selected layers only: the backward must not be forced down to the inputs, so
         # checkpointing must not need input gradients (reentrant checkpointing would).
         if self.gradient_checkpointing and "use_reentrant" not in (self.gradient_checkpointing_kwargs or {}):
@@ -224,3 +236,56 @@ class MoEUnlearnConfig(TrainingArguments):
             )
         if self.retain_weighting == "trace" and self.retain_loss == "none":
             raise MoEUnlearnError("retain_weighting='trace' reweights the retain loss: set retain_loss to nll or kl.")
+        check_max_length(self.max_length)
+        self._validate_ranges()
+
+    def _validate_ranges(self) -> None:
+        """Numbers out of range that ``TrainingArguments`` lets through (it refuses a few, e.g. warmup_steps < 0)."""
+        at_least_one = {
+            "per_device_train_batch_size": "examples per device and step",
+            "per_device_eval_batch_size": "examples per device in an evaluation batch",
+            "gradient_accumulation_steps": "batches per optimizer step",
+            "attribution_batch_size": "examples per batch of the attribution pass",
+            "seuf_top_m": "experts SEUF selects",
+            "trace_top_m": "experts TRACE selects per layer",
+        }
+        for name, what in at_least_one.items():
+            value = getattr(self, name)
+            if value < 1:
+                raise MoEUnlearnError(f"{name}={value} must be at least 1 ({what}).")
+        for name in ("trace_max_layers", "attribution_max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise MoEUnlearnError(f"{name}={value} must be at least 1, or None for no limit.")
+        if self.adapter == "lora" and self.lora_r < 1:
+            raise MoEUnlearnError(f"lora_r={self.lora_r} must be at least 1 (the LoRA rank).")
+        if self.adapter == "lora" and not self.lora_alpha > 0:
+            raise MoEUnlearnError(f"lora_alpha={self.lora_alpha} must be > 0: LoRA scales its update by "
+                                  f"lora_alpha/lora_r, so 0 would train nothing.")
+        for name in ("npo_beta", "simnpo_beta", "idk_dpo_beta", "trace_w_max"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise MoEUnlearnError(f"{name}={value} must be > 0.")
+        if self.forget_loss_bound is not None and not self.forget_loss_bound > 0:
+            raise MoEUnlearnError(f"forget_loss_bound={self.forget_loss_bound} must be > 0, or None for no bound.")
+        if self.max_steps == 0:
+            raise MoEUnlearnError("max_steps=0 would train no step: give a positive number of optimizer steps, or -1 "
+                                  "(the default) to train num_train_epochs epochs.")
+        if self.max_steps < 0 and not self.num_train_epochs > 0:
+            raise MoEUnlearnError(f"num_train_epochs={self.num_train_epochs} with max_steps={self.max_steps} would "
+                                  f"train no step: give num_train_epochs > 0, or max_steps > 0.")
+        for name in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise MoEUnlearnError(f"{name}={value} must be > 0 (a number of steps, or a fraction of the run below "
+                                      f"1).")
+        if self.dataloader_num_workers < 0:
+            raise MoEUnlearnError(f"dataloader_num_workers={self.dataloader_num_workers} must be >= 0 (0: load in the "
+                                  f"main process).")
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()

@@ -24,7 +24,6 @@ from typing import Any, Callable
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .errors import MoEUnlearnError
 from .losses.functional import token_nll
 
 logger = logging.getLogger(__name__)
@@ -43,20 +42,6 @@ def fixed_sample(dataset, size: int | None, seed: int):
         return dataset
     generator = torch.Generator().manual_seed(seed)
     return dataset.select(sorted(torch.randperm(len(dataset), generator=generator)[:size].tolist()))
-
-
-def counted_targets(dataset) -> int:
-    """Next-token targets the NLL averages over (a label's first position is never a target)."""
-    return sum(sum(1 for x in labels[1:] if x != -100) for labels in dataset["labels"])
-
-
-def check_counted(dataset, name: str, max_length: int) -> None:
-    if counted_targets(dataset) == 0:
-        raise MoEUnlearnError(
-            f"The {name} has no counted token: every example is a single token after tokenisation (max_length="
-            f"{max_length}), so it has no next token whose NLL could be measured. Give longer texts or raise "
-            f"max_length."
-        )
 
 
 def first_logged(log_history: list[dict[str, Any]], key: str) -> float | None:

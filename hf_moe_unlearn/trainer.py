@@ -12,17 +12,19 @@ accumulation, mixed precision, checkpointing and resuming are the Trainer's own.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from collections import defaultdict
+from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import Trainer, set_seed
-from transformers.trainer_utils import IntervalStrategy
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
 from .config import MoEUnlearnConfig, default_learning_rate
 from .data.text import PaddingCollator, counted_mask, tokenize_dataset
@@ -32,13 +34,23 @@ from .losses.builtin import trace_retain_shares
 from .losses.functional import routing_share
 from .evaluation.scoring import inference_mode
 from .moe.layers import clean_module_name, decoder_layers, find_moe_layers, parameter_layer, unwrap_model
-from .probe import (HOLDOUT, PROBE, RETAIN, StopWhenForgottenCallback, check_counted, first_logged, fixed_sample,
-                    nll_sums)
+from .probe import HOLDOUT, PROBE, RETAIN, StopWhenForgottenCallback, first_logged, fixed_sample, nll_sums
 from .routing import ExpertSelection, RouterRecorder, attribute_experts, select_seuf, select_trace, trace_scores
 
 logger = logging.getLogger(__name__)
 
 RETAIN_PREFIX = "retain_"
+
+#: Config fields a resumed run must share with its checkpoint: they define what is trained and on what. The
+#: MoEUnlearnConfig fields, less the stop guards and speed settings a user may change between runs (the selection
+#: path is compared by content, as selection.json), plus the TrainingArguments fields the restored optimizer,
+#: scheduler and data order depend on (a new learning_rate would be ignored by the restored scheduler).
+RESUME_CHECKED_FIELDS: tuple[str, ...] = tuple(
+    [f.name for f in fields(MoEUnlearnConfig) if f.name not in {g.name for g in fields(TrainingArguments)}
+     and f.name not in ("selection", "stop_at_holdout", "max_retain_nll_rise", "forget_loss_bound",
+                        "attribution_batch_size")]
+    + ["learning_rate", "seed", "data_seed"]
+)
 
 
 class PairedForgetRetainDataset(Dataset):
@@ -124,6 +136,11 @@ class MoEUnlearnTrainer(Trainer):
                 f"columns and an 'idk' column."
             )
         base = unwrap_model(model)
+        self._embedding_rows = int(base.get_input_embeddings().weight.shape[0])
+        self._check_vocabulary(self._embedding_rows, processing_class, {"forget set": forget, "retain set": retain})
+        probe_sets = self._probe_sets(args, forget, retain, holdout_dataset, forget_probe_dataset, processing_class)
+        self._check_vocabulary(self._embedding_rows, None, {"holdout set": probe_sets.get(HOLDOUT),
+                                                            "forget probe set": probe_sets[PROBE]})
         self._stats_cache: dict[str, Any] = {}
         if hasattr(model, "expert_selection"):  # already an ExpertPeftModel
             self.selection = model.expert_selection
@@ -144,7 +161,6 @@ class MoEUnlearnTrainer(Trainer):
             model.card_info.update(method=self._method_name(args), losses=self._loss_names(args))
         collator = PaddingCollator(processing_class.pad_token_id if processing_class is not None else 0)
         train_dataset = PairedForgetRetainDataset(forget, retain, seed=args.seed)
-        probe_sets = self._probe_sets(args, forget, retain, holdout_dataset, forget_probe_dataset, processing_class)
         evaluating = self._turn_on_evaluation(args, holdout_dataset is not None)
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, data_collator=collator,
@@ -181,6 +197,33 @@ class MoEUnlearnTrainer(Trainer):
                 f"retain loss '{args.retain_loss}' needs a retain dataset: pass retain_dataset=..., or set "
                 f"retain_loss='none' (plain gradient ascent / NPO without a retain term)."
             )
+
+    @staticmethod
+    def _check_vocabulary(rows: int, tokenizer, sets: dict[str, Any]) -> None:
+        """Refuse token ids the model cannot embed (``rows``: its input embedding rows), e.g. from another model's
+        tokenizer, before the model sees any: the embedding would fail with an IndexError on CPU, with a device-side
+        assert on a GPU."""
+        import pyarrow.compute as pc
+
+        if tokenizer is not None and len(tokenizer) > rows:
+            raise MoEUnlearnError(
+                f"The tokenizer does not fit the model: its vocabulary has {len(tokenizer)} tokens (ids up to "
+                f"{len(tokenizer) - 1}), but the model's input embeddings have {rows} rows. Use the tokenizer saved "
+                f"with the model, or resize the embeddings (model.resize_token_embeddings) before unlearning."
+            )
+        for name, data in sets.items():
+            if data is None or len(data) == 0:
+                continue
+            for column in ("input_ids", "idk_input_ids"):
+                if column not in data.column_names:
+                    continue
+                top = pc.max(pc.list_flatten(data.with_format("arrow")[column])).as_py()
+                if top is not None and top >= rows:
+                    raise MoEUnlearnError(
+                        f"The {name} holds token id {top}, but the model's input embeddings have {rows} rows (ids "
+                        f"0..{rows - 1}): it was tokenised with another model's tokenizer. Tokenise it with this "
+                        f"model's tokenizer (or pass raw text and processing_class=the model's tokenizer)."
+                    )
 
     @staticmethod
     def _attribution_kwargs(args: MoEUnlearnConfig) -> dict[str, Any]:
@@ -339,12 +382,62 @@ class MoEUnlearnTrainer(Trainer):
             self._hidden_handle.remove()
             self._hidden_handle = None
 
-    def train(self, *args: Any, **kwargs: Any):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; a resume first checks that the checkpoint was written by a run of the same method."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+            self._check_resumed_config(resume_from_checkpoint)
         self._attach_hooks()
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._detach_hooks()
+
+    def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool) -> str:
+        """The checkpoint folder, resolved as ``Trainer.train`` does (True: the latest in output_dir)."""
+        output_dir = self.args.output_dir
+        if resume_from_checkpoint is True:
+            last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            if last is None:
+                raise MoEUnlearnError(
+                    f"resume_from_checkpoint=True but {output_dir} holds no checkpoint-N folder to resume from. Give "
+                    f"the checkpoint's path, or start without resume_from_checkpoint."
+                )
+            return last
+        path = os.fspath(resume_from_checkpoint)
+        if not os.path.isdir(path):
+            raise MoEUnlearnError(f"resume_from_checkpoint={path}: no such checkpoint folder.")
+        return path
+
+    def _check_resumed_config(self, checkpoint: str) -> None:
+        """Refuse to resume a checkpoint written with another method (losses, selection, adapter, ...): the Trainer
+        would load its weights and optimizer state into a run that continues differently, without a word."""
+        config_file = os.path.join(checkpoint, "unlearn_config.json")
+        selection_file = os.path.join(checkpoint, "selection.json")
+        if not os.path.isfile(config_file):
+            logger.warning("%s has no unlearn_config.json (not written by MoEUnlearnTrainer?): cannot check that it "
+                           "was trained with the same settings.", checkpoint)
+            return
+        with open(config_file) as f:
+            saved = json.load(f)
+        current = json.loads(self.args.to_json_string())
+        missing = object()  # a field one side lacks (a checkpoint of an older version) differs too
+
+        def shown(values: dict[str, Any], name: str) -> str:
+            return repr(values[name]) if name in values else "unset"
+
+        differ = [f"{name} ({shown(saved, name)} in the checkpoint, {shown(current, name)} now)"
+                  for name in RESUME_CHECKED_FIELDS if saved.get(name, missing) != current.get(name, missing)]
+        if os.path.isfile(selection_file):
+            saved_experts = ExpertSelection.load(selection_file).experts
+            if saved_experts != self.selection.experts:
+                differ.append(f"selection ({saved_experts} in the checkpoint, {self.selection.experts} now)")
+        if differ:
+            raise MoEUnlearnError(
+                f"Cannot resume from {checkpoint}: it was trained with other settings: {'; '.join(differ)}. Resume "
+                f"with the checkpoint's settings (its unlearn_config.json and selection.json), or start a new run "
+                f"in another output_dir."
+            )
 
     # ----------------------------------------------------------------------------------- forward helpers
     def _capture_hidden(self, module, inputs, output) -> None:
@@ -461,10 +554,14 @@ class MoEUnlearnTrainer(Trainer):
         bound = self.args.forget_loss_bound
         number = float(value.detach())
         if math.isnan(number) or math.isinf(number) or (bound is not None and abs(number) > bound):
+            output_dir = self.args.output_dir
+            last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            kept = (f"the last saved checkpoint, {last}, is intact" if last is not None
+                    else f"no checkpoint was saved in {output_dir}")
             raise MoEUnlearnError(
                 f"The forget loss is {number} at step {self.state.global_step} (bound forget_loss_bound={bound}): "
-                f"training stopped; the last saved checkpoint in {self.args.output_dir} is intact. Lower the "
-                f"learning rate, add a retain loss, or use a bounded forget loss (npo, simnpo)."
+                f"training stopped; {kept}. Lower the learning rate, add a retain loss, or use a bounded forget "
+                f"loss (npo, simnpo)."
             )
 
     def _log_routing(self, ctx: LossContext, forget: dict[str, torch.Tensor], forget_topk) -> None:
@@ -515,17 +612,15 @@ class MoEUnlearnTrainer(Trainer):
 
     @staticmethod
     def _probe_sets(args: MoEUnlearnConfig, forget, retain, holdout_dataset, forget_probe_dataset, tokenizer):
-        """The tokenised sets every evaluation measures, fixed once (the same rows every time, in every process)."""
+        """The tokenised sets every evaluation measures, fixed once (the same rows every time, in every process).
+        ``tokenize_dataset`` keeps only examples with a counted token, so every set and sample has one."""
         def tokenized(data, name: str):
-            data = fixed_sample(tokenize_dataset(data, tokenizer, args.max_length, name=name), None, args.seed)
-            check_counted(data, name, args.max_length)
-            return data
+            return fixed_sample(tokenize_dataset(data, tokenizer, args.max_length, name=name), None, args.seed)
 
         if forget_probe_dataset is not None:
             sets = {PROBE: tokenized(forget_probe_dataset, "forget probe set")}
         else:
             sets = {PROBE: fixed_sample(forget, args.forget_probe_size, args.seed)}
-            check_counted(sets[PROBE], "forget set", args.max_length)
         if holdout_dataset is not None:
             sets[HOLDOUT] = tokenized(holdout_dataset, "holdout set")
         if retain is not None:
@@ -566,7 +661,7 @@ class MoEUnlearnTrainer(Trainer):
                 label = f"{name or 'evaluation'} set"
                 sets[name] = fixed_sample(tokenize_dataset(data, self.processing_class, self.args.max_length,
                                                            name=label), None, self.args.seed)
-                check_counted(sets[name], label, self.args.max_length)
+                self._check_vocabulary(self._embedding_rows, None, {label: sets[name]})
         nlls = self._mean_nlls(sets)
         metrics = {f"{metric_key_prefix}_{name}_nll" if name else f"{metric_key_prefix}_nll": value
                    for name, value in nlls.items()}

@@ -315,7 +315,7 @@ def test_bf16_mixed_precision(tmp_path, tiny_tokenizer):
 def test_forget_examples_without_counted_tokens(tmp_path, tiny_tokenizer):
     # answers cut off entirely by max_length: no example keeps a label-bearing token
     forget = [{"prompt": "w1 w2 w3 w4 w5 w6", "answer": "w7"} for _ in range(3)]
-    with pytest.raises(MoEUnlearnError, match="No example of the forget set has a label-bearing token"):
+    with pytest.raises(MoEUnlearnError, match="The forget set has no counted token: no example keeps a label"):
         _trainer(tmp_path, tiny_tokenizer, selection={1: [0]}, forget=forget, max_length=4)
 
 

@@ -226,6 +226,7 @@ class BenchBudget:
             "full": dict(steps=60, eval_every=10, learning_rates=(2e-3, 6e-3, 2e-2, 6e-2), n_mcq=160, n_qa=64,
                          n_verbmem=32, verbmem_new_tokens=48, relearn_steps=16),
         }
+        presets["concentrated"] = presets["full"]  # same sizes; the benchmark and the models differ
         if size not in presets:
             raise MoEUnlearnError(f"Unknown benchmark size {size!r}; choose one of {sorted(presets)}.")
         return cls(**{**presets[size], **{k: v for k, v in overrides.items() if v is not None}})
@@ -827,7 +828,7 @@ def run_benchmark(
     """
     from ..evaluation.report import matched_table, plot_trajectories
     from ..routing import attribute_experts, forget_concentration
-    from .pretrain import PretrainSettings, pretrain_models
+    from .pretrain import PretrainSettings, model_kwargs_for, pretrain_models
 
     names = resolve_methods(methods)
     seeds = _check_seeds(seeds)
@@ -852,7 +853,8 @@ def run_benchmark(
     workdir.mkdir(parents=True, exist_ok=True)
 
     benchmark = make_benchmark(spec)
-    pair = pretrain_models(benchmark, workdir / "pretrain-cache", model_config=model_config,
+    pair = pretrain_models(benchmark, workdir / "pretrain-cache",
+                           model_config=model_kwargs_for(size) if model_config is None else model_config,
                            settings=pretrain_settings or PretrainSettings.preset(size), device=device)
     tokenizer = pair.tokenizer
     pretrain_seconds = time.perf_counter() - start

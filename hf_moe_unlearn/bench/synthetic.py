@@ -21,7 +21,8 @@ domain, so holdout text has the forget text's distribution: the non-members of m
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from datasets import Dataset
@@ -397,6 +398,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(n_domains=4, entities_per_domain=16, attributes_per_entity=4, passages_per_entity=3),
     # The bench command.
     "full": dict(n_domains=4, entities_per_domain=40, attributes_per_entity=5, passages_per_entity=3),
+    # "full" with routing as concentrated as a pretrained MoE's: the same entities, facts and sizes, but every
+    # domain writes in its own vocabulary (``domain_vocabulary``), so that no passage word but punctuation is
+    # shared between domains, as domains of real text share few tokens beyond function words. Pre-trained with
+    # 16 experts (``hf_moe_unlearn.bench.pretrain.model_kwargs_for("concentrated")``); what was measured, and
+    # why each choice, is in the docstring of ``PretrainSettings.preset``.
+    "concentrated": dict(n_domains=4, entities_per_domain=40, attributes_per_entity=5, passages_per_entity=3,
+                         domain_vocabulary=True),
 }
 
 
@@ -416,6 +424,12 @@ class BenchmarkSpec:
         forget_fraction: share of entities to forget in the ``"entities"`` setting (ignored for ``"domain"``).
         forget_domain: the domain forgotten in the ``"domain"`` setting; default the first one (virology).
         n_perturbed: wrong answers per question for TOFU's truth ratio (at least 3).
+        domain_vocabulary: every word that the templates of two or more domains share ("the", "is", "of",
+            "first", ...) is written, in each domain, as a word of that domain's own (a generated lexicon, see
+            :func:`domain_lexicons`), so that a domain's sentences use no word of another domain's (entity names
+            and attribute values are domain-specific already; punctuation stays shared). Off by default.
+            Real domains differ in vocabulary and that is what makes a pretrained MoE's experts specialise;
+            the default templates share their function words, which are most of the tokens of a passage.
     """
 
     seed: int = 0
@@ -427,17 +441,27 @@ class BenchmarkSpec:
     forget_fraction: float = 0.1
     forget_domain: str | None = None
     n_perturbed: int = 3
+    domain_vocabulary: bool = False
 
     @classmethod
     def preset(cls, size: str, **overrides: Any) -> BenchmarkSpec:
-        """A named size (``"micro"``, ``"small"``, ``"full"``), with any field overridden."""
+        """A named size (``"micro"``, ``"small"``, ``"full"``, ``"concentrated"``), with any field overridden."""
         if size not in _PRESETS:
             raise MoEUnlearnError(f"Unknown benchmark size {size!r}; choose one of {sorted(_PRESETS)}.")
         return cls(**{**_PRESETS[size], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable fields (used for cache keys and reports)."""
-        return asdict(self)
+        """Plain JSON-serialisable fields (used for cache keys and reports).
+
+        Fields added after the first presets (:data:`_FIELDS_OMITTED_AT_DEFAULT`) are left out while they hold
+        their default, which generates the same benchmark as before they existed: the cache keys of the
+        specs that do not use them stay what they were.
+        """
+        out = asdict(self)
+        for name, default in _FIELDS_OMITTED_AT_DEFAULT.items():
+            if out[name] == default:
+                del out[name]
+        return out
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -468,6 +492,9 @@ class BenchmarkSpec:
             raise MoEUnlearnError(
                 f"BenchmarkSpec.n_perturbed must be between 3 and {_MIN_POOL - 1} (wrong values available per "
                 f"attribute), got {self.n_perturbed}.")
+        if not isinstance(self.domain_vocabulary, bool):
+            raise MoEUnlearnError(
+                f"BenchmarkSpec.domain_vocabulary must be True or False, got {self.domain_vocabulary!r}.")
         if self.forget not in FORGET_SETTINGS:
             raise MoEUnlearnError(f"BenchmarkSpec.forget must be one of {FORGET_SETTINGS}, got {self.forget!r}.")
         if self.forget == "domain":
@@ -500,6 +527,10 @@ class BenchmarkSpec:
             raise MoEUnlearnError(
                 f"forget_fraction={self.forget_fraction} of {total} entities leaves nothing to retain "
                 f"({n_forget} to forget); lower forget_fraction or add entities.")
+
+
+#: BenchmarkSpec fields that :meth:`BenchmarkSpec.to_dict` leaves out at these (default) values.
+_FIELDS_OMITTED_AT_DEFAULT: dict[str, Any] = {"domain_vocabulary": False}
 
 
 @dataclass(frozen=True)
@@ -560,6 +591,9 @@ def make_benchmark(spec: BenchmarkSpec) -> SyntheticBenchmark:
     """
     spec.validate()
     domains = [d for d in _DOMAINS if d.name in spec.domains]
+    if spec.domain_vocabulary:
+        lexicons = domain_lexicons(spec.seed)
+        domains = [_rewrite_domain(d, lexicons[d.name]) for d in domains]
     names = _NameGenerator(_rng(spec.seed, "names"), _reserved_words(domains))
     value_rng = _rng(spec.seed, "values")
     trained = [_make_entity(names.next(), d, spec.attributes_per_entity, value_rng)
@@ -584,6 +618,79 @@ def make_benchmark(spec: BenchmarkSpec) -> SyntheticBenchmark:
         holdout_text=_text_dataset(holdout, by_name, spec.passages_per_entity, text_rng),
         general_text=_general_dataset(retain, by_name, text_rng),
     )
+
+
+_WORD = re.compile(r"\{[a-z]+\}|[A-Za-z]+")
+
+
+def _template_texts(domain: _Domain) -> list[str]:
+    texts = [*domain.intros, *domain.fillers]
+    for a in domain.attributes:
+        texts += [*a.statements, a.heldout, a.question, a.answer, a.paraphrase]
+    return texts
+
+
+def _template_words(domain: _Domain) -> set[str]:
+    """The lower-cased words of a domain's templates (placeholders and attribute values excluded)."""
+    return {w.lower() for t in _template_texts(domain) for w in _WORD.findall(t) if not w.startswith("{")}
+
+
+def shared_template_words() -> tuple[str, ...]:
+    """Lower-cased words that the templates of two or more domains (of all of them) use, sorted."""
+    seen: dict[str, int] = {}
+    for d in _DOMAINS:
+        for w in _template_words(d):
+            seen[w] = seen.get(w, 0) + 1
+    return tuple(sorted(w for w, n in seen.items() if n > 1))
+
+
+def domain_lexicons(seed: int = 0) -> dict[str, dict[str, str]]:
+    """Per domain, the word it writes instead of each of :func:`shared_template_words` (``domain_vocabulary``).
+
+    Generated pronounceable lower-case words, one per (domain, shared word), distinct from each other, from
+    every template word and from every attribute value of every domain. Drawn for all domains in a fixed order,
+    so that a domain's lexicon does not depend on how many domains a benchmark has.
+    """
+    rng = _rng(seed, "vocabulary")
+    taken = {w for d in _DOMAINS for w in _template_words(d)}
+    taken |= {v.lower() for d in _DOMAINS for a in d.attributes for v in a.values}
+    shared = shared_template_words()
+    lexicons: dict[str, dict[str, str]] = {}
+    for d in _DOMAINS:
+        lexicon = {}
+        for word in shared:
+            while True:  # short words, like the function words they stand for; ~10^4 of them, few needed
+                new = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 2)))
+                new += rng.choice(_CODAS)
+                if new not in taken:
+                    break
+            taken.add(new)
+            lexicon[word] = new
+        lexicons[d.name] = lexicon
+    return lexicons
+
+
+def _rewrite(template: str, lexicon: dict[str, str]) -> str:
+    """``template`` with each word of ``lexicon`` replaced (its capitalisation kept); placeholders untouched."""
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        new = lexicon.get(word.lower())
+        if word.startswith("{") or new is None:
+            return word
+        return new.capitalize() if word[0].isupper() else new
+    return _WORD.sub(swap, template)
+
+
+def _rewrite_domain(domain: _Domain, lexicon: dict[str, str]) -> _Domain:
+    """``domain`` with every template written in its own vocabulary (values are kept: they are the facts)."""
+    def many(texts: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_rewrite(t, lexicon) for t in texts)
+    attributes = tuple(
+        replace(a, statements=many(a.statements), heldout=_rewrite(a.heldout, lexicon),
+                question=_rewrite(a.question, lexicon), answer=_rewrite(a.answer, lexicon),
+                paraphrase=_rewrite(a.paraphrase, lexicon))
+        for a in domain.attributes)
+    return replace(domain, intros=many(domain.intros), fillers=many(domain.fillers), attributes=attributes)
 
 
 def _rng(seed: int, stage: str) -> random.Random:
@@ -699,4 +806,5 @@ def _mcq_dataset(entities: list[Entity], domains: dict[str, _Domain], rng: rando
 
 
 __all__ = ["BenchmarkSpec", "Entity", "SyntheticBenchmark", "make_benchmark", "format_qa", "format_qa_prompt",
-           "QA_PROMPT", "DOMAIN_NAMES", "value_pool", "FORGET_SETTINGS"]
+           "QA_PROMPT", "DOMAIN_NAMES", "value_pool", "FORGET_SETTINGS", "domain_lexicons",
+           "shared_template_words"]

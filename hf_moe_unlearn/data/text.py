@@ -9,6 +9,8 @@ tokens carry labels. An optional ``idk`` column (an "I don't know"-style answer)
 from __future__ import annotations
 
 import json
+import logging
+import numbers
 import os
 from typing import Any, Sequence
 
@@ -19,6 +21,11 @@ from ..errors import MoEUnlearnError
 PROMPT_COLUMNS = ("prompt", "question")
 ANSWER_COLUMNS = ("answer", "completion", "response")
 IDK_COLUMN = "idk"
+#: Shortest ``max_length`` that can leave a label after the causal shift (a label on the first token is never a
+#: target: nothing precedes it).
+MIN_MAX_LENGTH = 2
+
+logger = logging.getLogger(__name__)
 
 
 def load_texts(path: str | os.PathLike, name: str = "dataset"):
@@ -120,7 +127,7 @@ def encode_example(example: dict[str, Any], tokenizer, max_length: int) -> dict[
     fmt = example_format(list(example))
     if fmt == "tokenized":
         ids = list(example["input_ids"])[:max_length]
-        labels = list(example.get("labels", ids))[:max_length]
+        labels = list(ids) if example.get("labels") is None else list(example["labels"])[:max_length]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
     if fmt == "text":
         ids = tokenizer(example["text"], add_special_tokens=True)["input_ids"]
@@ -147,22 +154,68 @@ def _encode_pair(tokenizer, prompt: str, answer: str, max_length: int) -> dict[s
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
+def check_max_length(max_length, flag: str = "max_length") -> None:
+    """Refuse a ``max_length`` that cannot leave one next-token target (negative values would slice from the end)."""
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < MIN_MAX_LENGTH:
+        raise MoEUnlearnError(
+            f"{flag}={max_length!r} cannot leave a label to train on: an example's first token has nothing before "
+            f"it to predict it, so {flag} must be an integer of at least {MIN_MAX_LENGTH} (default 512)."
+        )
+
+
+def example_targets(labels: Sequence[int]) -> int:
+    """Next-token targets of one example: labels after the causal shift (the first position is never a target)."""
+    return sum(1 for x in labels[1:] if x != -100)
+
+
+def check_answers(dataset, name: str = "dataset") -> None:
+    """Refuse prompt/answer data with empty answers: only their end-of-text token would carry a label."""
+    columns = [c for c in ANSWER_COLUMNS if c in dataset.column_names]
+    empty = []
+    for index, values in enumerate(zip(*(dataset[c] for c in columns))):
+        answer = next((v for v in values if v is not None), None)
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            empty.append(index)
+    if empty:
+        verb = "has" if len(empty) == 1 else "have"
+        raise MoEUnlearnError(
+            f"{len(empty)} of the {len(dataset)} examples of the {name} {verb} an empty answer (the first: example "
+            f"{empty[0]}): only the end-of-text token would carry a label, so the loss would train on that token "
+            f"alone. Fill in the answer column ({'/'.join(columns)}) or drop those examples."
+        )
+
+
 def tokenize_dataset(dataset, tokenizer, max_length: int = 512, name: str = "dataset"):
-    """Tokenise every example (see :func:`encode_example`) and drop examples with no label-bearing token."""
+    """Tokenise every example (see :func:`encode_example`).
+
+    Refuses prompt/answer examples with an empty answer, a ``max_length`` below 2, and a set in which no example
+    keeps a counted token (a label after the causal shift); examples without one are dropped with a warning.
+    """
+    check_max_length(max_length)
     dataset = as_dataset(dataset, name)
-    if example_format(dataset.column_names) != "tokenized" and tokenizer is None:
+    fmt = example_format(dataset.column_names)
+    if fmt != "tokenized" and tokenizer is None:
         raise MoEUnlearnError(f"The {name} holds raw text: pass a tokenizer (processing_class) to tokenise it.")
+    if fmt == "qa":
+        check_answers(dataset, name)
     columns = dataset.column_names
     tokenized = dataset.map(
         lambda ex: encode_example(ex, tokenizer, max_length), remove_columns=columns, desc=f"Tokenizing {name}"
     )
-    counted = [sum(1 for x in labels if x != -100) for labels in tokenized["labels"]]
+    counted = [example_targets(labels) for labels in tokenized["labels"]]
     if not any(counted):
         raise MoEUnlearnError(
-            f"No example of the {name} has a label-bearing token (answers empty, or cut off by max_length="
-            f"{max_length}). Raise max_length or check the answer column."
+            f"The {name} has no counted token: no example keeps a label after the causal shift (a labelled token "
+            f"after the first), so every loss and NLL on it would be 0. Are the answers cut off by max_length="
+            f"{max_length}, or is every example a single token? Raise max_length, or give longer examples."
         )
     keep = [i for i, c in enumerate(counted) if c > 0]
+    if len(keep) < len(tokenized):
+        dropped = next(i for i, c in enumerate(counted) if c == 0)
+        logger.warning(
+            "%d of the %d examples of the %s have no counted token (the first: example %d; answer cut off by "
+            "max_length=%d, or a single token) and are left out.", len(tokenized) - len(keep), len(tokenized), name,
+            dropped, max_length)
     return tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
 
 
