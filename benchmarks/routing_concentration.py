@@ -9,7 +9,8 @@ set's most-used expert e* with f_forget(e*), f_retain(e*) and their ratio (f: sh
 the expert, :func:`hf_moe_unlearn.routing.forget_concentration`; forget/retain texts = the benchmark's
 ``forget_text``/``retain_text`` passages, as ``run_benchmark`` measures it), how many layers reach the 2x
 ratio, the mean top-k forget/retain shares, and the forget and utility (retain) MCQ accuracy of both models
-(``mode="choices"``, the first 160 questions of each split). Writes ``OUTPUT/routing_concentration_<forget_setting>.json``.
+(``mode="choices"``, the first 160 questions of each split). Writes
+``OUTPUT/routing_concentration_<forget_setting>.json``.
 """
 
 from __future__ import annotations

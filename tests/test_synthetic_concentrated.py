@@ -12,9 +12,11 @@ import pytest
 import torch
 from datasets import Dataset
 from torch import nn
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from hf_moe_unlearn.bench.pretrain import (
     DEFAULT_MODEL_KWARGS,
+    PRESET_MODEL_KWARGS,
     PretrainSettings,
     _BucketedLengthTrainer,
     _training_arguments,
@@ -31,6 +33,7 @@ from hf_moe_unlearn.bench.synthetic import (
 )
 from hf_moe_unlearn.bench.tokenizer import benchmark_texts, build_benchmark_tokenizer
 from hf_moe_unlearn.errors import MoEUnlearnError
+from hf_moe_unlearn.moe import find_moe_layers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -65,9 +68,17 @@ def test_concentrated_pretraining_preset_and_model_kwargs():
     kwargs = model_kwargs_for("concentrated")
     assert kwargs["num_experts"] > DEFAULT_MODEL_KWARGS["num_experts"]
     assert kwargs.get("num_experts_per_tok", DEFAULT_MODEL_KWARGS["num_experts_per_tok"]) == 2  # still top-2
-    assert set(kwargs) <= set(DEFAULT_MODEL_KWARGS)  # overrides of known fields, nothing misspelt
-    kwargs["num_experts"] = 1  # a fresh dict: the caller's to change
-    assert model_kwargs_for("concentrated")["num_experts"] > 1
+    reference = Qwen3MoeConfig()
+    assert all(hasattr(reference, k) for k in kwargs)  # overrides of real config fields, nothing misspelt
+    # The model it builds: layer 0 dense, the three others MoE layers of 32 experts.
+    tok = build_benchmark_tokenizer(make_benchmark(BenchmarkSpec.preset("micro")))
+    layers = find_moe_layers(AutoModelForCausalLM.from_config(default_model_config(tok, **kwargs)))
+    assert [layer.index for layer in layers] == [1, 2, 3] and {layer.num_experts for layer in layers} == {32}
+    kwargs["num_experts"] = 1  # a fresh deep copy: the caller's to change
+    kwargs["mlp_only_layers"].append(3)
+    assert model_kwargs_for("concentrated")["mlp_only_layers"] == [0]
+    assert PRESET_MODEL_KWARGS["concentrated"]["mlp_only_layers"] == [0]
+    assert model_kwargs_for("concentrated")["num_experts"] == 32
     for size in ("micro", "small", "full"):  # the existing presets keep the default architecture
         assert model_kwargs_for(size) == {}
     assert PretrainSettings.preset("concentrated") != PretrainSettings.preset("full")

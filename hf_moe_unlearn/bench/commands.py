@@ -93,8 +93,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list among: {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma list of unlearning seeds (table: mean over seeds)")
     p.add_argument("--size", choices=["small", "full", "concentrated"], default="full",
-                   help="concentrated: the full benchmark with domain-specific vocabulary and 16 experts, routing as "
-                        "concentrated as a pretrained MoE's (docs/benchmark.md)")
+                   help="concentrated: the full benchmark with domain-specific vocabulary, 32 experts (top-2) and a dense "
+                        "first layer, routing as concentrated as a pretrained MoE's (docs/benchmark.md)")
     _add_common(p, "runs/bench")
     p.set_defaults(func=run_bench)
     return p

@@ -59,7 +59,7 @@ DEFAULT_MODEL_KWARGS: dict[str, Any] = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
-    intermediate_size=128,  # unused (every layer is MoE) but kept small
+    intermediate_size=128,  # unused (every layer is MoE) but kept small; the MLP of mlp_only_layers if any
     moe_intermediate_size=64,
     num_experts=8,
     num_experts_per_tok=2,
@@ -74,9 +74,18 @@ DEFAULT_MODEL_KWARGS: dict[str, Any] = dict(
 #: Per benchmark size, the overrides of :data:`DEFAULT_MODEL_KWARGS` its models are pre-trained with (see
 #: :func:`model_kwargs_for`). Sizes not listed use the defaults unchanged, so their configs and cache keys are
 #: what they were before this table existed.
+#:
+#: "concentrated" (``PretrainSettings.preset`` lists what was measured):
+#:   - 32 experts, top-2 (uniform share 2/32): finer experts leave each domain room for experts of its own, as in
+#:     the fine-grained MoEs (DeepSeekMoE, Qwen3) where SEUF/TRACE see concentration. 32 experts took no more
+#:     time than 16 here (the expert loop only visits experts that got tokens).
+#:   - layer 0 dense (``mlp_only_layers=[0]``; its MLP has ``intermediate_size``), so 3 MoE layers, as DeepSeek-V2/V3
+#:     and Kimi-K2 keep their first layer(s) dense. With all 4 layers MoE, layer 0 routed by kind of token, not
+#:     domain (with 16 experts one expert took 0.093 of the 0.096 of forget tokens that are entity names and
+#:     0.073 of the 0.100 of retain ones); in 11 runs with domain_vocabulary and mixed batches its ratio was
+#:     1.2-2.4 (>= 2 once).
 PRESET_MODEL_KWARGS: dict[str, dict[str, Any]] = {
-    # 16 experts (top-2) give a domain room to own experts; see PretrainSettings.preset for what was measured.
-    "concentrated": dict(num_experts=16),
+    "concentrated": dict(num_experts=32, num_experts_per_tok=2, mlp_only_layers=[0]),
 }
 
 
@@ -87,7 +96,7 @@ def model_kwargs_for(size: str) -> dict[str, Any]:
     a fresh dict each call, so the caller may change it.
     """
     PretrainSettings.preset(size)  # an unknown size raises here, with the sizes to choose from
-    return dict(PRESET_MODEL_KWARGS.get(size, {}))
+    return copy.deepcopy(PRESET_MODEL_KWARGS.get(size, {}))
 
 
 @dataclass(frozen=True)
@@ -112,8 +121,8 @@ class PretrainSettings:
             loss is computed per batch, so it then pushes each domain to spread over all experts — the
             micro-batch vs global-batch balancing effect of Qiu et al. 2025 ("Demons in the Detail"), the
             reason Qwen3 balances over the global batch. Measured on the "full" benchmark, batches of 32 (5
-            sampler seeds): the batch's majority domain holds 0.49 of its texts with exact lengths, 0.355 with
-            32-token buckets, 0.34 with random batches; padded tokens per epoch 50.2k, 53.5k and 85.9k.
+            sampler seeds): the batch's majority domain holds 0.49 of its texts with exact lengths, 0.34 with
+            48-token buckets, 0.34 with random batches; padded tokens per epoch 50.2k, 55.1k and 85.9k.
     """
 
     epochs: float = 25.0
@@ -145,13 +154,22 @@ class PretrainSettings:
             # Measured (see docs): the target answers >= 0.95 of its forget MCQs, the retrain model ~chance.
             "small": dict(),  # the defaults
             "full": dict(epochs=30.0, batch_size=32),
-            # The "full" recipe on the domain-vocabulary benchmark, 16 experts, batches grouped by kind of text
-            # (length_bucket 32) so every batch mixes domains. Measured 2026-12-02 (target model, domain setting,
-            # one torch thread, busy 2-core machine): the forget domain's most-used expert gets >= 2x its retain
-            # share in 2 of 4 layers (exact-length batches: 0 of 4 with domain vocabulary and 16 experts; random
-            # batches of 64: 3 of 4 but forget/utility MCQ 0.91/0.94), target forget/utility MCQ 1.00/1.00,
-            # about 150 s per model. 32 or 64 experts gave 2 of 4 too; 40 epochs or aux coefficient 0.001: 1 of 4.
-            "concentrated": dict(epochs=30.0, batch_size=32, length_bucket=32),
+            # The "full" recipe with length_bucket=48 (QA texts, <= 25 tokens, in the first bucket, passages,
+            # 53-72, in the second: batches by kind of text, domains mixed), for the model of
+            # model_kwargs_for("concentrated") on BenchmarkSpec.preset("concentrated"). Measured on the target
+            # model only (seed 0, "domain" setting, full-sized data; layers at ratio = MoE layers where the forget
+            # set's most-used expert e* has f_F(e*) >= 2 f_R(e*); one torch thread on a busy 2-core machine):
+            #   "full" itself (8 experts, default wording): 1/4;  domain_vocabulary, 8 experts: 1/4;
+            #   16 experts, default wording: 0/4 (random batches, "small"-sized data: 0/4 too);
+            #   domain_vocabulary + 16 experts: exact lengths 0/4, random batches 2/4 (296 s instead of 190 s),
+            #   32-token buckets 2/4, 48-token buckets 1/4 (40 epochs: 1/4);
+            #   + 32 / 64 experts, 48-token buckets: 2/4 / 2/4 (64 experts, init seed 1: 1/4);
+            #   router_aux_loss_coef 0.001 (random batches) or 0.05 (32 experts): 1/4, 2/4 (default 0.01);
+            #   32 experts, 48-token buckets, layer 0 dense (5 layers, 4 MoE): 3/4 but 237 s for the target alone;
+            #   this preset (4 layers, layer 0 dense, 3 MoE): 3/3, forget MCQ 0.975; init seed 1: 2/3, 1.0.
+            #   this preset without domain_vocabulary (default wording): 1/3 (ratios 2.12, 1.10, 1.05).
+            # Layers 2-3 reach 2x in most runs with domain_vocabulary; the first MoE layer rarely does.
+            "concentrated": dict(epochs=30.0, batch_size=32, length_bucket=48),
         }
         if size not in presets:
             raise MoEUnlearnError(f"Unknown pre-training size {size!r}; choose one of {sorted(presets)}.")
@@ -518,5 +536,6 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["PretrainSettings", "PretrainedPair", "DEFAULT_MODEL_KWARGS", "PRESET_MODEL_KWARGS", "model_kwargs_for", "default_model_config", "cache_key",
+__all__ = ["PretrainSettings", "PretrainedPair", "DEFAULT_MODEL_KWARGS", "PRESET_MODEL_KWARGS", "model_kwargs_for",
+           "default_model_config", "cache_key",
            "training_texts", "pretrain_models", "load_pretrained_pair", "measure_pretrain_quality", "CACHE_VERSION"]
