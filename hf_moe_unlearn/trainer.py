@@ -154,9 +154,9 @@ class MoEUnlearnTrainer(Trainer):
                 base, self.selection, r=args.lora_r, lora_alpha=args.lora_alpha, train_router=args.train_router,
                 mode=args.adapter,
             )
-        self._default_learning_rate(args, base)
         self.critical_ratios = self._critical_ratios(base, args, forget, retain, processing_class)
         self.moe_layers = {layer.index: layer for layer in find_moe_layers(model)}
+        self._default_learning_rate(args)
         if hasattr(model, "card_info"):
             model.card_info.update(method=self._method_name(args), losses=self._loss_names(args))
         collator = PaddingCollator(processing_class.pad_token_id if processing_class is not None else 0)
@@ -244,12 +244,12 @@ class MoEUnlearnTrainer(Trainer):
                                                          **self._attribution_kwargs(args))
         return self._stats_cache[split]
 
-    def _default_learning_rate(self, args: MoEUnlearnConfig, base) -> None:
+    def _default_learning_rate(self, args: MoEUnlearnConfig) -> None:
         """Fill ``args.learning_rate`` when unset: it depends on what trains, known only once the selection is."""
         if args.learning_rate is not None:
             return
-        sizes = {layer.index: layer.num_experts for layer in find_moe_layers(base)}
-        every_expert = all(len(set(ids)) >= sizes[l] for l, ids in self.selection.experts.items())
+        every_expert = all(len(set(ids)) >= self.moe_layers[l].num_experts
+                           for l, ids in self.selection.experts.items())
         args.learning_rate = default_learning_rate(args.adapter, every_expert)
         logger.info("learning_rate not set: %g, the default for %s (DEFAULT_LEARNING_RATES)", args.learning_rate,
                     "full experts" if args.adapter == "full" else
@@ -393,15 +393,19 @@ class MoEUnlearnTrainer(Trainer):
         finally:
             self._detach_hooks()
 
+    def _last_checkpoint(self) -> str | None:
+        """The latest ``checkpoint-N`` folder in ``output_dir``, or None (no folder, or no checkpoint yet)."""
+        output_dir = self.args.output_dir
+        return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
     def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool) -> str:
         """The checkpoint folder, resolved as ``Trainer.train`` does (True: the latest in output_dir)."""
-        output_dir = self.args.output_dir
         if resume_from_checkpoint is True:
-            last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            last = self._last_checkpoint()
             if last is None:
                 raise MoEUnlearnError(
-                    f"resume_from_checkpoint=True but {output_dir} holds no checkpoint-N folder to resume from. Give "
-                    f"the checkpoint's path, or start without resume_from_checkpoint."
+                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-N folder to resume "
+                    f"from. Give the checkpoint's path, or start without resume_from_checkpoint."
                 )
             return last
         path = os.fspath(resume_from_checkpoint)
@@ -554,10 +558,9 @@ class MoEUnlearnTrainer(Trainer):
         bound = self.args.forget_loss_bound
         number = float(value.detach())
         if math.isnan(number) or math.isinf(number) or (bound is not None and abs(number) > bound):
-            output_dir = self.args.output_dir
-            last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            last = self._last_checkpoint()
             kept = (f"the last saved checkpoint, {last}, is intact" if last is not None
-                    else f"no checkpoint was saved in {output_dir}")
+                    else f"no checkpoint was saved in {self.args.output_dir}")
             raise MoEUnlearnError(
                 f"The forget loss is {number} at step {self.state.global_step} (bound forget_loss_bound={bound}): "
                 f"training stopped; {kept}. Lower the learning rate, add a retain loss, or use a bounded forget "
