@@ -28,7 +28,10 @@ def _load_model_and_tokenizer(name_or_path: str):
     hf_logging.disable_progress_bar()  # one bar per weight file is noise next to our own progress bars
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto")
+        from .deepspeed_support import no_zero3_init
+
+        with no_zero3_init():  # loaded whole under a ZeRO-3 config (the selection needs it); the engine shards it
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto")
     except OSError as err:
         raise MoEUnlearnError(f"Cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from err
     if tokenizer.pad_token is None:

@@ -6,6 +6,7 @@ so the CLI (``hf-moe-unlearn unlearn --forget_loss npo ...``) and YAML configs c
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,8 @@ from transformers import TrainingArguments
 
 from .data.text import check_max_length
 from .errors import MoEUnlearnError
+
+logger = logging.getLogger(__name__)
 
 
 #: AdamW learning rate used when ``learning_rate`` is left unset, by what trains. Expert-selective LoRA changes a
@@ -55,6 +58,10 @@ class MoEUnlearnConfig(TrainingArguments):
             argparse defaults are c = 20, α = 100, layer 7, params of layers 5–7). rmu_seed: seed of u.
         kl_direction: ``model_to_ref`` = KL(pθ‖pref) (default) or ``ref_to_model`` (OpenUnlearning's).
         forget_loss_bound: stop training when |forget loss| exceeds this (or is NaN); None disables the bound.
+        cache_reference: compute the frozen reference's summed NLL of each forget example (NPO, IdkDPO: losses
+            registered with ``reference="sequence"``) the first time the example is seen and reuse it later, instead
+            of a reference forward at every step (default True; the same values up to float rounding). ``kl``'s
+            token logits and RMU's hidden states still come from a reference forward at each step.
 
     SEUF (router anchor):
         anchor_loss_weight: SEUF α on ``‖g − onehot(e*)‖²`` at the selected layers; 0 turns the anchor off.
@@ -121,6 +128,11 @@ class MoEUnlearnConfig(TrainingArguments):
     kl_direction: str = field(default="model_to_ref", metadata={"help": "model_to_ref or ref_to_model."})
     forget_loss_bound: float | None = field(
         default=1000.0, metadata={"help": "Stop when |forget loss| exceeds this or is NaN (None: no bound)."}
+    )
+    cache_reference: bool = field(
+        default=True,
+        metadata={"help": "Compute the frozen reference's sequence NLL of each forget example (NPO, IdkDPO) once, "
+                          "the first time it is seen, instead of a reference forward every step."},
     )
     # --- SEUF
     anchor_loss_weight: float = field(default=1.0, metadata={"help": "SEUF anchor weight α (0 = off)."})
@@ -191,6 +203,14 @@ class MoEUnlearnConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: batches carry retain_* keys."})
 
     def __post_init__(self) -> None:
+        if not self.use_cpu and _needs_cpu_backend():
+            # Several processes launched on a machine whose accelerator (if any) has no distributed backend:
+            # accelerate would give each process a world of its own (DistributedType.NO) and every process would
+            # step on its own share without averaging gradients. use_cpu makes it a gloo process group (DDP on
+            # CPU), the only right run there. Set before TrainingArguments builds the accelerator state.
+            logger.info("%d processes and no accelerator with a distributed backend: use_cpu=True (DDP over gloo)",
+                        _launched_processes())
+            self.use_cpu = True
         try:
             super().__post_init__()
         except MoEUnlearnError:
@@ -282,6 +302,27 @@ class MoEUnlearnConfig(TrainingArguments):
         if self.dataloader_num_workers < 0:
             raise MoEUnlearnError(f"dataloader_num_workers={self.dataloader_num_workers} must be >= 0 (0: load in the "
                                   f"main process).")
+
+
+def _launched_processes() -> int:
+    """Processes of this launch, from the launcher's environment (torchrun's WORLD_SIZE or MPI's), as accelerate
+    reads them; 1 outside a distributed launch."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+
+
+def _needs_cpu_backend() -> bool:
+    """True when several processes were launched but no accelerator with a distributed backend exists: there
+    accelerate's ``PartialState(cpu=False)`` falls back to no distribution at all (each process alone)."""
+    if _launched_processes() <= 1:
+        return False
+    try:
+        from accelerate.utils.imports import get_distributed_backend, get_torch_accelerator_backend
+    except ImportError:  # older accelerate: an accelerator of any kind is taken to have a backend
+        return not _accelerator_available()
+    device_type, _ = get_torch_accelerator_backend()
+    return device_type is None or get_distributed_backend(device_type) is None
 
 
 def _accelerator_available() -> bool:

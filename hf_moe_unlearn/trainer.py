@@ -23,18 +23,21 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
 from .config import MoEUnlearnConfig, default_learning_rate
 from .data.text import PaddingCollator, counted_mask, tokenize_dataset
+from .deepspeed_support import configure_zero3
 from .errors import MoEUnlearnError
 from .losses import LossContext, get_loss
-from .losses.builtin import trace_retain_shares
-from .losses.functional import routing_share
+from .losses.builtin import _routing_frame, trace_retain_shares
+from .losses import functional as LF
+from .losses.functional import prediction_mask, routing_share
 from .evaluation.scoring import inference_mode
 from .moe.layers import clean_module_name, decoder_layers, find_moe_layers, parameter_layer, unwrap_model
 from .probe import HOLDOUT, PROBE, RETAIN, StopWhenForgottenCallback, first_logged, fixed_sample, nll_sums
+from .reference_cache import EXAMPLE_INDEX, ReferenceCache
 from .routing import ExpertSelection, RouterRecorder, attribute_experts, select_seuf, select_trace, trace_scores
 
 logger = logging.getLogger(__name__)
@@ -48,14 +51,18 @@ RETAIN_PREFIX = "retain_"
 RESUME_CHECKED_FIELDS: tuple[str, ...] = tuple(
     [f.name for f in fields(MoEUnlearnConfig) if f.name not in {g.name for g in fields(TrainingArguments)}
      and f.name not in ("selection", "stop_at_holdout", "max_retain_nll_rise", "forget_loss_bound",
-                        "attribution_batch_size")]
+                        "attribution_batch_size", "cache_reference")]
     + ["learning_rate", "seed", "data_seed"]
 )
 
 
 class PairedForgetRetainDataset(Dataset):
     """Each forget example with a retain example drawn at random (fixed by the seed, so every process and a
-    resumed run see the same pairs). The epoch is the forget set, as in the field's reference code."""
+    resumed run see the same pairs). The epoch is the forget set, as in the field's reference code.
+
+    Each row carries its index (``example_index``): the key of the reference cache (the frozen model's sequence NLL
+    of that forget example, of its IDK answer and of its paired retain example, which the fixed pairing makes the
+    same retain example every epoch)."""
 
     def __init__(self, forget, retain=None, seed: int = 0) -> None:
         self.forget = forget
@@ -67,8 +74,9 @@ class PairedForgetRetainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.forget)
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         row = dict(self.forget[index])
+        row[EXAMPLE_INDEX] = int(index)
         if self.retain is not None:
             row.update({f"{RETAIN_PREFIX}{k}": v for k, v in self.retain[self.pairing[index]].items()})
         return row
@@ -102,6 +110,8 @@ class MoEUnlearnTrainer(Trainer):
 
     # compute_loss returns a per-batch mean: let the Trainer divide by the accumulation steps.
     loss_is_scaled_for_ga = False
+    # The frozen reference's sequence NLL per example (cache_reference), built at the first step that asks for one.
+    _reference_cache: ReferenceCache | None = None
 
     def __init__(
         self,
@@ -119,6 +129,7 @@ class MoEUnlearnTrainer(Trainer):
         args = args if args is not None else MoEUnlearnConfig(output_dir="moe-unlearn-output")
         if not isinstance(args, MoEUnlearnConfig):
             raise MoEUnlearnError("args must be a MoEUnlearnConfig (a TrainingArguments subclass).")
+        configure_zero3(model, args)  # ZeRO-3: a whole model, fused experts, no leaf modules (deepspeed_support)
         find_moe_layers(model)  # a dense model fails here, before anything else
         self._resolve_losses(args, retain_dataset)
         self._check_probe_args(args, holdout_dataset, retain_dataset, kwargs)
@@ -170,6 +181,7 @@ class MoEUnlearnTrainer(Trainer):
         if evaluating:
             self.stop_callback = StopWhenForgottenCallback(args.stop_at_holdout, args.max_retain_nll_rise)
             self.add_callback(self.stop_callback)
+        self.add_callback(_CheckDataParallel(self))  # once the model is wrapped: gradients averaged, or refuse
         self.recorder = RouterRecorder(self.model, layers=self.selection.layers, accumulate=False, keep_current=True)
         self._needs_hidden = "hidden" in self.loss_requirements
         self._layers_path, self._decoder_layers = decoder_layers(self.model)
@@ -463,6 +475,10 @@ class MoEUnlearnTrainer(Trainer):
         return outputs.logits
 
     def _reference_provider(self, model, forget, retain):
+        """Lazy providers of the frozen reference (the model with its adapter disabled, in eval mode) for one step:
+        token logits and RMU hidden states per split (one reference forward per split and step, when a loss asks),
+        and each sequence's summed NLL per split, served from the per-example cache when ``cache_reference`` is on
+        (a reference forward only the first time an example is seen), else computed from the step's logits."""
         cache: dict[str, torch.Tensor] = {}
         hidden_cache: dict[str, torch.Tensor] = {}
 
@@ -496,7 +512,43 @@ class MoEUnlearnTrainer(Trainer):
                 run(split)
             return hidden_cache[split]
 
-        return logits, hidden
+        def sequence_cache() -> ReferenceCache | None:
+            # A batch without indices (compute_loss called on a batch of one's own) runs the reference every step.
+            if not self.args.cache_reference or EXAMPLE_INDEX not in forget:
+                return None
+            if self._reference_cache is None:
+                accelerator = self.accelerator
+                any_process = gather = None
+                if accelerator.num_processes > 1:
+                    # Every process decides together (FSDP/ZeRO-3 forwards are collectives) and stores what all
+                    # computed: the sampler deals an example to another process in the next epoch.
+                    def any_process(flag: bool) -> bool:
+                        votes = torch.tensor([float(flag)], device=accelerator.device)
+                        return bool(accelerator.reduce(votes, reduction="sum").item() > 0)
+
+                    def gather(tensor: torch.Tensor) -> torch.Tensor:
+                        return accelerator.gather(accelerator.pad_across_processes(tensor, dim=0, pad_index=-1))
+                self._reference_cache = ReferenceCache(len(self.train_dataset), any_process, gather)
+            return self._reference_cache
+
+        def sequence_nll(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+            if split == "idk" and "idk_labels" not in forget:
+                raise MoEUnlearnError("The reference's NLL of the IDK answers needs a forget set with an 'idk' "
+                                      "column (prompt/answer/idk examples).")
+            if split == "retain" and retain is None:
+                raise MoEUnlearnError("The reference's NLL of the retain batch needs a retain dataset.")
+            if split not in ("forget", "idk", "retain"):
+                raise MoEUnlearnError(f"Unknown split {split!r}: use 'forget', 'retain' or 'idk'.")
+            labels = forget["idk_labels"] if split == "idk" else (forget if split == "forget" else retain)["labels"]
+
+            def compute() -> tuple[torch.Tensor, torch.Tensor]:
+                with torch.no_grad():  # exactly what the losses computed at every step before the cache
+                    return LF.sequence_nll(logits(split), labels)
+
+            store = sequence_cache()
+            return compute() if store is None else store.sequence_nll(split, forget[EXAMPLE_INDEX], compute)
+
+        return logits, hidden, sequence_nll
 
     # ----------------------------------------------------------------------------------------- the loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -511,14 +563,17 @@ class MoEUnlearnTrainer(Trainer):
             retain_logits = self._forward(model, retain, "retain")
             retain_topk = {l: self.recorder.current_indices[l] for l in self.selection.layers}
         has_adapter = hasattr(unwrap_peft(model), "disable_adapter")
-        reference, hidden = self._reference_provider(model, forget, retain) if has_adapter else (None, None)
+        reference, hidden, reference_nll = (self._reference_provider(model, forget, retain) if has_adapter
+                                            else (None, None, None))
         ctx = LossContext(
             forget_batch=forget, retain_batch=retain, forget_logits=forget_logits, retain_logits=retain_logits,
-            config=args, reference_logits=reference, idk_logits=self._idk_provider(model, forget),
+            config=args, reference_logits=reference, reference_nll=reference_nll,
+            idk_logits=self._idk_provider(model, forget),
             hidden_states=hidden if self._needs_hidden else None,
             router_logits=router_logits, selected_experts=self.selection.experts,
             score_fn={l: self.moe_layers[l].score_fn for l in self.selection.layers}, forget_topk=forget_topk,
             retain_topk=retain_topk, critical_ratios=self.critical_ratios,
+            sum_over_processes=self._sum_over_processes if self.accelerator.num_processes > 1 else None,
         )
         if self.weighting_fn is not None:
             ctx.retain_token_weights = self.weighting_fn(ctx)
@@ -568,27 +623,56 @@ class MoEUnlearnTrainer(Trainer):
             )
 
     def _log_routing(self, ctx: LossContext, forget: dict[str, torch.Tensor], forget_topk) -> None:
-        """Per selected expert: its routing share on the forget batch and its (TRACE-weighted) share on retain."""
+        """Per selected expert: its routing share on the forget batch and its (TRACE-weighted) share on retain.
+
+        Kept as ``[share × weight, weight]`` (weight: counted tokens, or their TRACE weights) so that :meth:`log`
+        can pool them over steps and processes into the share of all the tokens seen."""
         with torch.no_grad():
             forget_mask = counted_mask(forget).reshape(-1).float()
             for layer, experts in self.selection.experts.items():
                 for e in experts:
-                    self._metrics[f"route/L{layer}E{e}/forget"].append(routing_share(forget_topk[layer], e, forget_mask))
+                    share, weight = routing_share(forget_topk[layer], e, forget_mask), forget_mask.sum()
+                    self._metrics[f"route/L{layer}E{e}/forget"].append(torch.stack([share * weight, weight]))
             if ctx.retain_topk is not None and ctx.retain_batch is not None:
                 if ctx.retain_token_weights is not None and ctx.critical_ratios is not None:
                     shares = trace_retain_shares(ctx)
+                    # the weights trace_retain_shares divides by: TRACE's, on the counted predictions' positions
+                    weight = (_routing_frame(ctx.retain_token_weights.float()).reshape(-1)
+                              * prediction_mask(ctx.retain_batch["labels"]).reshape(-1).float()).sum()
                 else:
                     retain_mask = counted_mask(ctx.retain_batch).reshape(-1).float()
                     shares = {(l, e): routing_share(ctx.retain_topk[l], e, retain_mask)
                               for l, ids in self.selection.experts.items() for e in ids}
+                    weight = retain_mask.sum()
                 for (layer, e), share in shares.items():
-                    self._metrics[f"route/L{layer}E{e}/retain"].append(share)
+                    self._metrics[f"route/L{layer}E{e}/retain"].append(torch.stack([share * weight, weight]))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the averaged loss parts and routing shares since the last log (one sync, at log time only)."""
+        """Add the loss parts and routing shares since the last log, over the steps and over processes (one sync,
+        at log time only).
+
+        Loss parts are averaged over steps and processes: the mean of per-process means, as DDP averages the
+        gradients of per-process mean losses (the whole batch's mean when the shares have equal token counts).
+        Routing shares are pooled: the share of all the counted (TRACE: weighted) tokens of the logging window, on
+        every process. Every process calls ``log`` at the same steps (the Trainer gathers the loss there) with the
+        same metric names (from the config and the selection), so the reductions are collectives all take.
+        """
         if self._metrics and "loss" in logs:
-            for name, values in self._metrics.items():
-                logs[name] = round(float(torch.stack([v.float() for v in values]).mean()), 6)
+            names = sorted(self._metrics)
+            losses = [n for n in names if self._metrics[n][0].dim() == 0]
+            shares = [n for n in names if self._metrics[n][0].dim() == 1]
+            device = self.accelerator.device
+            means = torch.stack([torch.stack([v.float() for v in self._metrics[n]]).mean() for n in losses]
+                                or [torch.zeros(())]).to(device)
+            terms = torch.stack([torch.stack([v.float() for v in self._metrics[n]]).sum(0) for n in shares]
+                                or [torch.zeros(2)]).to(device)
+            if self.accelerator.num_processes > 1:
+                means = self.accelerator.reduce(means, reduction="mean")
+                terms = self.accelerator.reduce(terms, reduction="sum")
+            for name, value in zip(losses, means.tolist()):
+                logs[name] = round(value, 6)
+            for name, (weighted, weight) in zip(shares, terms.tolist()):
+                logs[name] = round(weighted / weight, 6) if weight > 0 else float("nan")
             self._metrics.clear()
         super().log(logs, *args, **kwargs)
 
@@ -700,9 +784,60 @@ class MoEUnlearnTrainer(Trainer):
             sums = self.accelerator.reduce(sums, reduction="sum")
         return {name: float(total / count) for name, (total, count) in zip(sets, sums.tolist())}
 
+    # ----------------------------------------------------------------------------------- several processes
+    def _check_data_parallel(self) -> None:
+        """Refuse a multi-process run whose gradients would not be averaged over the processes (called once the
+        Trainer has wrapped the model, at ``on_train_begin``).
+
+        Two cases are detectable: processes that were launched together but each run alone (accelerate found no
+        distributed backend; :class:`MoEUnlearnConfig` already turns ``use_cpu`` on where that is the cause), and
+        a data loader sharded over several processes while the model is wrapped by neither DDP, FSDP nor
+        DeepSpeed. Both would train without a word on each process's own share: a silently different run.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        from .config import _launched_processes
+
+        launched, processes = _launched_processes(), self.accelerator.num_processes
+        if launched > 1 and processes == 1:
+            raise MoEUnlearnError(
+                f"{launched} processes were launched, but accelerate runs each of them alone (distributed type "
+                f"{self.accelerator.distributed_type}): every process would train on its own copy, with no averaged "
+                f"gradient. Launch with an accelerate config whose distributed type matches the machine (multi-GPU "
+                f"on GPUs; on CPU, use_cpu=True / `accelerate launch --cpu`), or run one process."
+            )
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_fsdp_enabled:
+            logger.warning("The accelerate config asks for FSDP, but accelerate runs %s (it applies FSDP on "
+                           "accelerator devices only): the model is not sharded.", self.accelerator.distributed_type)
+        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            raise MoEUnlearnError(
+                f"fsdp_state_dict_type is {self.accelerator.state.fsdp_plugin.state_dict_type}: with it the Trainer "
+                f"saves no adapter (save_model and the checkpoints write only sharded FSDP files, without the PEFT "
+                f"adapter, selection.json or unlearn_config.json). Set fsdp_state_dict_type: FULL_STATE_DICT in the "
+                f"accelerate config (examples/accelerate/fsdp.yaml): the adapter is small, only its gathering is."
+            )
+        if processes == 1 or self.is_deepspeed_enabled or getattr(self, "is_distributed_loading_by_transformers",
+                                                                  False):
+            return  # DeepSpeed and transformers' own sharding (tp_plan / expert parallelism) reduce gradients
+        model = self.model_wrapped
+        if isinstance(model, DistributedDataParallel) or _is_sharded(model):
+            return
+        raise MoEUnlearnError(
+            f"The data is sharded over {processes} processes ({self.accelerator.distributed_type}), but the model "
+            f"was wrapped by neither DDP, FSDP nor DeepSpeed ({type(model).__name__}): each process would step on "
+            f"its own share of the batch, without averaging gradients. Let the Trainer prepare the model (do not "
+            f"pass an already-wrapped or custom-placed model), or run one process."
+        )
+
+    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes (a collective; the losses' ``ctx.sum_over_processes``)."""
+        return self.accelerator.reduce(tensor.detach().clone(), reduction="sum")
+
     # ------------------------------------------------------------------------------------------- saving
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
+        if not self.args.should_save:  # the main process writes; the others wait at the Trainer's own barrier
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         self.selection.save(os.path.join(output_dir, "selection.json"))
         with open(os.path.join(output_dir, "unlearn_config.json"), "w") as f:
@@ -721,6 +856,24 @@ class MoEUnlearnTrainer(Trainer):
         model = unwrap_peft(self.model)
         if hasattr(model, "card_info"):
             model.card_info["eval_results"] = dict(results)
+
+
+class _CheckDataParallel(TrainerCallback):
+    """Runs :meth:`MoEUnlearnTrainer._check_data_parallel` at the start of training, the first moment the wrapped
+    model exists (the Trainer wraps it inside ``train``)."""
+
+    def __init__(self, trainer: MoEUnlearnTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._check_data_parallel()
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP (1 or 2) wraps the model or any of its modules: FSDP reduces the gradients itself."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

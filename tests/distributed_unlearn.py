@@ -1,5 +1,7 @@
 """Unlearning run used by test_distributed.py: `accelerate launch --num_processes N tests/distributed_unlearn.py OUT BS`.
 
+``use_cpu`` is left at its default, as a user launching on this CPU-only machine has it.
+
 Every text has the same length, so per-process mean losses average to the single-process mean and N processes
 with per-device batch BS/N see the same effective batch as one process with BS.
 """
@@ -20,7 +22,7 @@ holdout = [" ".join(f"w{20 + (i * 3 + j) % 20}" for i in range(4 + j)) for j in 
 args = MoEUnlearnConfig(
     output_dir=output_dir, max_steps=3, per_device_train_batch_size=per_device, learning_rate=1e-2,
     forget_loss="npo", retain_loss="nll", selection_method="seuf", retain_weighting="none", report_to="none",
-    save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, logging_steps=1, eval_steps=1,
+    save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1, eval_steps=1,
     per_device_eval_batch_size=2,
 )
 trainer = MoEUnlearnTrainer(tiny_moe_model("qwen3_moe"), args, forget_dataset=forget, retain_dataset=retain,

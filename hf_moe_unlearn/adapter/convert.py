@@ -15,6 +15,8 @@ Full mode saves the whole experts module (``modules_to_save``): ``<experts>.<ten
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..errors import MoEUnlearnError
@@ -41,23 +43,50 @@ def _interleaved_columns(expert: int, rank: int, num_experts: int) -> list[int]:
     return [j * num_experts + expert for j in range(rank)]
 
 
+def _whole(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """``tensor`` as a plain local tensor; an FSDP-sharded DTensor cannot be read by one process alone."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        raise MoEUnlearnError(
+            f"{what} is sharded (FSDP DTensor): one process cannot read it whole. Save through the Trainer with "
+            f"fsdp_state_dict_type FULL_STATE_DICT (it gathers the weights first), or pass "
+            f"state_dict=accelerator.get_state_dict(model) to save_pretrained on every process."
+        )
+    return tensor
+
+
 @torch.no_grad()
-def layer_to_standard(layer: SelectedExpertsLayer, module_name: str, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The standard-format tensors of one of our layers (CPU, contiguous, in the adapter's dtype)."""
+def layer_to_standard(layer: SelectedExpertsLayer, module_name: str, adapter: str = "default",
+                      tensors: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The standard-format tensors of one of our layers (CPU, contiguous, in the adapter's dtype).
+
+    ``tensors``: the layer's tensors by their names in it (``lora_A.default.gate_up_proj``, ``base_layer.down_proj``,
+    ...) as a gathered state dict has them (FSDP); default: read from the layer, which must not be sharded.
+    """
+    def tensor(kind: str, name: str) -> torch.Tensor:
+        key = f"base_layer.{name}" if kind == "base" else f"{kind}.{adapter}.{name}"
+        if tensors is not None:
+            if key not in tensors:
+                raise MoEUnlearnError(f"The state dict given to save {module_name} lacks {key}.")
+            return tensors[key].detach()
+        value = getattr(layer.get_base_layer(), name) if kind == "base" else getattr(layer, kind)[adapter][name]
+        return _whole(value.detach(), f"{module_name}.{key}")
+
     ids = layer.selected_ids.tolist()
     num_experts = layer.num_experts
     out: dict[str, torch.Tensor] = {}
     if layer.expert_mode == "full":
-        base = layer.get_base_layer()
         for name, key in full_keys(module_name, layer.weight_names + layer.bias_names).items():
-            param = getattr(base, name)
-            merged = param.detach().index_add(0, layer.selected_ids, layer.lora_delta[adapter][name].detach().to(param.dtype))
+            param = tensor("base", name)
+            selected = layer.selected_ids.to(param.device)
+            merged = param.index_add(0, selected, tensor("lora_delta", name).to(param.device, param.dtype))
             out[key] = merged.cpu().contiguous()
         return out
     rank = layer.r[adapter]
     for name, (key_a, key_b) in lora_keys(module_name, layer.weight_names).items():
-        a = layer.lora_A[adapter][name].detach()  # [S, r, in]
-        b = layer.lora_B[adapter][name].detach()  # [S, r, out]
+        a = tensor("lora_A", name)  # [S, r, in]
+        b = tensor("lora_B", name)  # [S, r, out]
         full_a = a.new_zeros(rank * num_experts, a.shape[-1])
         full_b = b.new_zeros(b.shape[-1], rank * num_experts)
         for slot, expert in enumerate(ids):  # S selected experts: a few slices, once per save

@@ -31,7 +31,7 @@ from ..moe.layers import MoELayer, unwrap_model
 from ..routing.selection import ExpertSelection
 from .card import build_model_card
 from .config import DUMMY_TARGET_MODULES, META_KEY, adapter_metadata, expert_lora_config, resolve_selection
-from .convert import PREFIX, layer_to_standard, standard_to_layer
+from .convert import PREFIX, _whole, layer_to_standard, standard_to_layer
 from .layer import SelectedExpertsLayer, selected_experts_factory
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -169,23 +169,31 @@ class ExpertPeftModel(PeftModelForCausalLM):
         """``{experts module path: layer}`` of the fused experts served by our layer."""
         return {n: m for n, m in self.base_model.model.named_modules() if isinstance(m, SelectedExpertsLayer)}
 
-    def standard_adapter(self, adapter_name: str = "default") -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    def standard_adapter(self, adapter_name: str = "default", state_dict: Mapping[str, torch.Tensor] | None = None
+                         ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         """The adapter in PEFT's standard format: ``(config, tensors)``, what ``PeftModel.from_pretrained`` reads.
 
         ``ModuleList`` experts keep their LoRA pairs, except on model types for which PEFT converts per-expert LoRA
         keys into fused ones when loading (``mixtral``, ``qwen2_moe``, ``deepseek_v2``, ... on transformers 5: a
         remote-code checkpoint with such a type has per-expert modules, so the converted keys match nothing). There the
         selected experts are saved merged and whole (``modules_to_save``): exact, and loadable everywhere.
+
+        ``state_dict``: this model's full state dict (``self.state_dict()`` keys) to read the tensors from instead of
+        the parameters: what the Trainer gathers from FSDP-sharded parameters (FULL_STATE_DICT) on the main process.
         """
         if adapter_name not in self.peft_config:
             raise MoEUnlearnError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
         config = copy.deepcopy(self.standard_config)
-        state = get_peft_model_state_dict(self, adapter_name=adapter_name)
+        state = get_peft_model_state_dict(self, state_dict=dict(state_dict) if state_dict is not None else None,
+                                          adapter_name=adapter_name)
         fast = self.fast_layers()
         ours = tuple(f"{PREFIX}{name}." for name in fast)
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith(ours)}
+        state = {k: _whole(v.detach(), k).cpu().contiguous() for k, v in state.items() if not k.startswith(ours)}
         for name, layer in fast.items():
-            state.update(layer_to_standard(layer, name, adapter_name))
+            prefix = f"{PREFIX}{name}."
+            tensors = None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items()
+                                                       if k.startswith(prefix)}
+            state.update(layer_to_standard(layer, name, adapter_name, tensors))
         wrappers = self._modulelist_lora(adapter_name)
         if wrappers and _peft_renames_keys(self, config, state, adapter_name):
             config, state = self._merge_modulelist(config, state, wrappers, adapter_name)
@@ -220,9 +228,16 @@ class ExpertPeftModel(PeftModelForCausalLM):
         config.auto_mapping[META_KEY]["modulelist_saved_merged"] = True
         return config, state
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        """Every trainable tensor under its in-memory name: the exact state to resume from."""
-        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+    def _trainable_state(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Every trainable tensor under its in-memory name: the exact state to resume from (read from
+        ``state_dict`` when given, see :meth:`standard_adapter`)."""
+        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        if state_dict is None:
+            return {n: _whole(self.get_parameter(n).detach(), n).cpu().contiguous() for n in names}
+        missing = [n for n in names if n not in state_dict]
+        if missing:
+            raise MoEUnlearnError(f"The state dict given to save_pretrained lacks trainable tensors {missing[:3]}.")
+        return {n: state_dict[n].detach().cpu().contiguous() for n in names}
 
     # ------------------------------------------------------------------------------------------- saving
     def _base_name(self) -> str | None:
@@ -262,9 +277,10 @@ class ExpertPeftModel(PeftModelForCausalLM):
         under their in-memory names, which plain PEFT ignores and :meth:`load_adapter` uses to resume exactly (the
         standard format can lose precision: full-mode experts are stored merged, in the model's dtype).
 
-        Other keyword arguments of ``PeftModel.save_pretrained`` (``state_dict``, ``save_embedding_layers``, ...) are
-        accepted for compatibility with ``Trainer`` and ignored: the tensors are read from the model. Weights are
-        always written as safetensors.
+        ``state_dict`` (keyword): the model's full state dict, which the Trainer gathers from FSDP-sharded
+        parameters; the tensors are then read from it instead of the (sharded) parameters. Other keyword arguments
+        of ``PeftModel.save_pretrained`` (``save_embedding_layers``, ...) are accepted for compatibility with
+        ``Trainer`` and ignored. Weights are always written as safetensors.
         """
         if selected_adapters not in (None, ["default"]) or list(self.peft_config) != ["default"]:
             raise MoEUnlearnError("An expert-selective model holds exactly one adapter, named 'default'.")
@@ -274,10 +290,12 @@ class ExpertPeftModel(PeftModelForCausalLM):
         if os.path.isfile(save_directory):
             raise MoEUnlearnError(f"{save_directory} is a file; save_pretrained needs a directory.")
         os.makedirs(save_directory, exist_ok=True)
-        config, state = self.standard_adapter()
+        state_dict = kwargs.get("state_dict")
+        config, state = self.standard_adapter(state_dict=state_dict)
         save_file(state, os.path.join(save_directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         if include_training_state:
-            save_file(self._trainable_state(), os.path.join(save_directory, TRAINING_STATE), metadata={"format": "pt"})
+            save_file(self._trainable_state(state_dict), os.path.join(save_directory, TRAINING_STATE),
+                      metadata={"format": "pt"})
         config.base_model_name_or_path = config.base_model_name_or_path or self._base_name()
         config.inference_mode = True
         config.save_pretrained(save_directory)

@@ -222,7 +222,10 @@ def tokenize_dataset(dataset, tokenizer, max_length: int = 512, name: str = "dat
 class PaddingCollator:
     """Pads every ``*input_ids``/``*attention_mask``/``*labels`` key of a batch to its longest row (right
     padding; labels padded with -100). Written by hand because transformers' collators pad only the standard
-    keys, and forget batches carry ``idk_*`` copies too."""
+    keys, and forget batches carry ``idk_*`` copies too. An ``example_index`` column (the trainer's key of its
+    reference cache) becomes a ``[B]`` tensor."""
+
+    INDEX_KEY = "example_index"
 
     def __init__(self, pad_token_id: int, prefix: str = "", pad_to_multiple_of: int | None = None) -> None:
         self.pad_token_id = pad_token_id
@@ -243,6 +246,8 @@ class PaddingCollator:
                 batch[f"{self.prefix}{name}"] = torch.tensor(
                     [list(r[name]) + [pad] * (longest - len(r[name])) for r in rows], dtype=torch.long
                 )
+        if self.INDEX_KEY in rows[0]:
+            batch[f"{self.prefix}{self.INDEX_KEY}"] = torch.tensor([r[self.INDEX_KEY] for r in rows], dtype=torch.long)
         return batch
 
 

@@ -33,6 +33,7 @@ from .functional import (
 )
 from .registry import (
     LOSS_KINDS,
+    REFERENCE_USES,
     LossSpec,
     RegisteredLoss,
     get_loss,
@@ -46,6 +47,7 @@ __all__ = [
     "IGNORE_INDEX",
     "LOSS_DEFAULTS",
     "LOSS_KINDS",
+    "REFERENCE_USES",
     "REQUIREMENTS",
     "LossContext",
     "LossSpec",

@@ -1,7 +1,13 @@
 """The built-in losses, registered by name. Each is a few lines over :mod:`.functional`.
 
-forget:    ga, npo (reference), simnpo, rmu (hidden), idk_nll (IDK answers), idk_dpo (reference + IDK answers)
-retain:    nll, kl (reference), rmu_retain (hidden); ``none`` is handled by the trainer
+forget:    ga, npo (reference: sequence NLLs), simnpo, rmu (hidden), idk_nll (IDK answers), idk_dpo (reference:
+           sequence NLLs, + IDK answers)
+retain:    nll, kl (reference: token logits), rmu_retain (hidden, the reference's too); ``none`` is handled by the
+           trainer
+
+A reference read as sequence NLLs (``reference="sequence"``) is served from the trainer's per-example cache; token
+logits and RMU's hidden states are not cacheable at a useful cost (``[T, V]`` or ``[T, H]`` per example) and come
+from a reference forward at each step that asks for them.
 router:    seuf_anchor (router logits of the selected layers)
 weighting: trace — returns ``[B, T]`` retain-token weights (aligned with the unshifted retain labels),
            which the trainer stores in ``ctx.retain_token_weights`` before calling the retain loss.
@@ -24,13 +30,12 @@ def ga(ctx: LossContext) -> torch.Tensor:
     return LF.ga_loss(ctx.forget_logits, ctx.forget_batch["labels"])
 
 
-@register_loss("npo", kind="forget", requires=("forget_logits", "reference"))
+@register_loss("npo", kind="forget", requires=("forget_logits", "reference"), reference="sequence")
 def npo(ctx: LossContext) -> torch.Tensor:
-    """NPO with β = ``config.npo_beta`` against the frozen reference."""
+    """NPO with β = ``config.npo_beta`` against the frozen reference (its summed NLL per forget example: cacheable)."""
     labels = ctx.forget_batch["labels"]
     nll_sum, _ = LF.sequence_nll(ctx.forget_logits, labels)
-    with torch.no_grad():
-        ref_nll_sum, _ = LF.sequence_nll(ctx.reference_logits("forget"), labels)
+    ref_nll_sum, _ = ctx.reference_sequence_nll("forget")
     return LF.npo_loss(nll_sum, ref_nll_sum, float(ctx.setting("npo_beta")))
 
 
@@ -64,18 +69,18 @@ def idk_nll(ctx: LossContext) -> torch.Tensor:
     return LF.nll_loss(ctx.idk_logits(), ctx.forget_batch["idk_labels"])
 
 
-@register_loss("idk_dpo", kind="forget", requires=("forget_logits", "reference", "idk"))
+@register_loss("idk_dpo", kind="forget", requires=("forget_logits", "reference", "idk"), reference="sequence")
 def idk_dpo(ctx: LossContext) -> torch.Tensor:
     """IdkDPO (OpenUnlearning): DPO with the IDK answer preferred and the true forget answer rejected.
 
-    β = ``config.idk_dpo_beta``. The reference's IDK logits come from ``ctx.reference_logits("idk")``.
+    β = ``config.idk_dpo_beta``. The reference's summed NLLs of the true and the IDK answer come from
+    ``ctx.reference_sequence_nll("forget")`` / ``("idk")`` (cacheable per example).
     """
     labels, idk_labels = ctx.forget_batch["labels"], ctx.forget_batch["idk_labels"]
     lose_nll, _ = LF.sequence_nll(ctx.forget_logits, labels)
     win_nll, _ = LF.sequence_nll(ctx.idk_logits(), idk_labels)
-    with torch.no_grad():
-        lose_ref_nll, _ = LF.sequence_nll(ctx.reference_logits("forget"), labels)
-        win_ref_nll, _ = LF.sequence_nll(ctx.reference_logits("idk"), idk_labels)
+    lose_ref_nll, _ = ctx.reference_sequence_nll("forget")
+    win_ref_nll, _ = ctx.reference_sequence_nll("idk")
     return LF.dpo_loss(win_nll, win_ref_nll, lose_nll, lose_ref_nll, float(ctx.setting("idk_dpo_beta")))
 
 
@@ -86,7 +91,7 @@ def nll(ctx: LossContext) -> torch.Tensor:
     return LF.nll_loss(ctx.retain_logits, ctx.retain_batch["labels"], ctx.retain_token_weights)
 
 
-@register_loss("kl", kind="retain", requires=("retain_logits", "reference"))
+@register_loss("kl", kind="retain", requires=("retain_logits", "reference"), reference="logits")
 def kl(ctx: LossContext) -> torch.Tensor:
     """Per-token KL to the reference on retain tokens (direction: ``config.kl_direction``), TRACE-weighted if set."""
     with torch.no_grad():
@@ -190,7 +195,8 @@ def trace(ctx: LossContext) -> torch.Tensor:
     labels = ctx.retain_batch["labels"]
     mask = LF.prediction_mask(labels).reshape(-1)
     token_weights = LF.trace_token_weights(
-        ctx.retain_topk, ctx.critical_ratios, mask, w_max=float(ctx.setting("trace_w_max"))
+        ctx.retain_topk, ctx.critical_ratios, mask, w_max=float(ctx.setting("trace_w_max")),
+        sum_over_processes=ctx.sum_over_processes,
     ).view(labels.shape)
     label_weights = torch.zeros_like(token_weights)
     label_weights[:, 1:] = token_weights[:, :-1]

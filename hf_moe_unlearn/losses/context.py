@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import MoEUnlearnError
+from . import functional as LF
 from .functional import IGNORE_INDEX
 
 #: Hyper-parameters losses read from ``ctx.config`` (any object; read with ``getattr``) and their
@@ -92,6 +93,9 @@ class LossContext:
         reference_logits: ``split -> logits`` of the frozen reference model, computed without grad, on
             ``"forget"`` (the forget batch), ``"retain"`` (the retain batch) or ``"idk"`` (the forget batch's IDK
             inputs ``idk_input_ids``/``idk_attention_mask``; needed by ``idk_dpo``).
+        reference_nll: ``split -> (nll_sum [B], n_tokens [B])``, the frozen reference's summed NLL of each sequence
+            of that split (no grad). The trainer serves it from its per-example cache; ``None`` = computed from
+            ``reference_logits``. Losses read it through :meth:`reference_sequence_nll`, never directly.
         hidden_states: ``(split, reference) -> [B, T, H]`` hidden states at the RMU layer, of the model
             (with grad) or of the reference (``reference=True``, no grad).
         idk_logits: ``() -> logits`` of the model being unlearned (with grad) on the IDK inputs.
@@ -114,6 +118,11 @@ class LossContext:
             weights the loss term whose target is ``labels[:, t]`` (``w[:, 0]`` is unused). Set by the
             trainer from the 'weighting' loss (TRACE) before it calls the retain loss; ``None`` = unweighted.
         rmu_control: ``[H]`` RMU control vector ``c·u``, fixed for the run (built on first use if ``None``).
+
+    Data parallelism:
+        sum_over_processes: in a multi-process run, a function summing a tensor over the processes (a
+            collective: every process calls it at the same point); ``None`` with one process. Batch-level
+            normalisations (TRACE's mean weight) use it so the step's whole batch is normalised as one.
     """
 
     forget_batch: dict[str, torch.Tensor]
@@ -122,6 +131,7 @@ class LossContext:
     retain_logits: torch.Tensor | None = None
     config: Any = None
     reference_logits: Callable[[str], torch.Tensor] | None = None
+    reference_nll: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None
     hidden_states: Callable[[str, bool], torch.Tensor] | None = None
     idk_logits: Callable[[], torch.Tensor] | None = None
     router_logits: dict[int, torch.Tensor] | None = None
@@ -132,6 +142,7 @@ class LossContext:
     critical_ratios: dict[int, dict[int, float]] | None = None
     retain_token_weights: torch.Tensor | None = None
     rmu_control: torch.Tensor | None = None
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------ settings
     def setting(self, name: str) -> Any:
@@ -175,6 +186,36 @@ class LossContext:
         what, fix = _REQUIREMENT_HELP[requirement]
         who = f"loss {loss!r}" if loss else "this loss"
         raise MoEUnlearnError(f"{who} needs {what}: {fix}")
+
+    # ------------------------------------------------------------------------------------- reference
+    def split_labels(self, split: str) -> torch.Tensor:
+        """The unshifted labels of ``split``: ``"forget"``, ``"retain"`` or ``"idk"`` (the forget batch's IDK answers)."""
+        if split == "forget":
+            return self.forget_batch["labels"]
+        if split == "idk":
+            if "idk_labels" not in self.forget_batch:
+                self.require("idk")  # raises, saying where IDK answers come from
+            return self.forget_batch["idk_labels"]
+        if split == "retain":
+            self.require("retain_batch")
+            return self.retain_batch["labels"]
+        raise MoEUnlearnError(f"Unknown split {split!r}: use 'forget', 'retain' or 'idk'.")
+
+    def reference_sequence_nll(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen reference's ``(summed NLL ℓref(x) [B], counted tokens |x| [B])`` of each sequence of ``split``.
+
+        What NPO and DPO-style losses compare against. The value of an example never changes during training, so
+        the trainer computes it once per example and serves later steps from a cache (``reference_nll``); without
+        that provider it is :func:`~.functional.sequence_nll` of ``reference_logits(split)``, as the trainer computed
+        it at every step before the cache. Losses declared with ``register_loss(..., reference="sequence")`` read the
+        reference only through this method.
+        """
+        if self.reference_nll is not None:
+            return self.reference_nll(split)
+        self.require("reference")
+        labels = self.split_labels(split)
+        with torch.no_grad():
+            return LF.sequence_nll(self.reference_logits(split), labels)
 
     # ------------------------------------------------------------------------------------- helpers
     @staticmethod

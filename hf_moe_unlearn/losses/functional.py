@@ -22,7 +22,7 @@ not public), see ``docs/methods.md``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -509,6 +509,7 @@ def trace_token_weights(
     critical: Mapping[int, Mapping[int, float]],
     mask: torch.Tensor,
     w_max: float = 10.0,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """TRACE retain-token weights (project specification, ``docs/methods.md``; the paper's are not public).
 
@@ -522,6 +523,9 @@ def trace_token_weights(
             (``float('inf')`` allowed for f_R = 0; it is capped at ``w_max``).
         mask: ``[N]`` 1 for counted retain tokens.
         w_max: cap on a ratio and on the final weight.
+        sum_over_processes: in a data-parallel run, a function summing a tensor over the processes: the mean is
+            then taken over the whole batch of the step (every process's share), as one process would with the
+            same batch, not over each share.
 
     Returns:
         ``[N]`` float32 weights.
@@ -550,7 +554,10 @@ def trace_token_weights(
             hit = (topk == expert).any(dim=-1).float()
             raw = raw + hit * (min(ratio, w_max) - 1.0)
     raw = raw.clamp_min(0.0)  # ratios < 1 (explicit selections) must not produce negative weights
-    mean = (raw * counted).sum() / counted.sum().clamp_min(1.0)
+    totals = torch.stack([(raw * counted).sum(), counted.sum()])
+    if sum_over_processes is not None:
+        totals = sum_over_processes(totals)
+    mean = totals[0] / totals[1].clamp_min(1.0)
     weights = (raw / mean.clamp_min(1e-12)).clamp_max(w_max)
     return weights * counted
 

@@ -13,6 +13,12 @@ instances are (instantiated with no arguments by :func:`get_loss`, so each run g
 set up, and the registry checks it before each call, so a missing reference model fails with a clear
 message instead of a ``NoneType`` traceback.
 
+``reference`` says how a loss that requires ``"reference"`` reads the frozen model: ``"sequence"`` — only as the
+summed NLL of each sequence, through ``ctx.reference_sequence_nll(split)`` (NPO, IdkDPO), which the trainer serves
+from its per-example cache (``MoEUnlearnConfig.cache_reference``) instead of a reference forward every step;
+``"logits"`` (the default for any loss requiring ``"reference"``) — token-level logits through
+``ctx.reference_logits(split)`` (KL), computed by a reference forward at every step that asks for them.
+
 Writing your own::
 
     from hf_moe_unlearn.losses import register_loss, functional as LF
@@ -34,6 +40,9 @@ from ..errors import MoEUnlearnError
 from .context import REQUIREMENTS, LossContext
 
 LOSS_KINDS: tuple[str, ...] = ("forget", "retain", "router", "weighting")
+#: How a loss reads the reference model (``register_loss(..., reference=...)``): token-level logits, or only the
+#: summed NLL of each sequence (which never changes during training, so the trainer may compute it once per example).
+REFERENCE_USES: tuple[str, ...] = ("logits", "sequence")
 
 T = TypeVar("T")
 
@@ -46,6 +55,7 @@ class LossSpec:
     kind: str
     requires: tuple[str, ...]
     target: Any  # a function ctx -> Tensor, or a class whose instances are
+    reference: str | None = None  # "logits", "sequence" (REFERENCE_USES), or None: no reference model
 
 
 @dataclass
@@ -60,6 +70,7 @@ class RegisteredLoss:
     kind: str
     requires: tuple[str, ...]
     fn: Callable[[LossContext], torch.Tensor]
+    reference: str | None = None
 
     def __call__(self, ctx: LossContext) -> torch.Tensor:
         for requirement in self.requires:
@@ -92,7 +103,7 @@ def _check_kind(kind: str) -> None:
 
 
 def register_loss(
-    name: str, *, kind: str, requires: Iterable[str] = (), override: bool = False
+    name: str, *, kind: str, requires: Iterable[str] = (), override: bool = False, reference: str | None = None
 ) -> Callable[[T], T]:
     """Decorator registering a loss function or class under ``name``.
 
@@ -102,6 +113,13 @@ def register_loss(
         requires: context needs, among :data:`~hf_moe_unlearn.losses.context.REQUIREMENTS`
             (``"reference"``, ``"idk"``, ``"hidden"``, ``"router_logits"``, ``"retain_routing"``, ...).
         override: replace an existing registration of ``name`` (otherwise that raises).
+        reference: how the loss reads the reference model, for a loss that requires ``"reference"`` (giving it adds
+            ``"reference"`` to ``requires``): ``"sequence"`` when it reads only ``ctx.reference_sequence_nll`` (then
+            the trainer may serve it from its per-example cache), ``"logits"`` (default) when it reads
+            ``ctx.reference_logits``. The declaration documents the loss (``get_loss_spec(name).reference``); what
+            saves the forward is reading ``ctx.reference_sequence_nll`` (the trainer runs a reference forward only
+            when something asks for logits), so a loss that declares ``"sequence"`` and still reads
+            ``ctx.reference_logits`` gets its forward, just no saving.
 
     Returns the decorated object unchanged, so it stays usable directly.
     """
@@ -110,6 +128,15 @@ def register_loss(
     unknown = [r for r in requires if r not in REQUIREMENTS]
     if unknown:
         raise MoEUnlearnError(f"Unknown requirement(s) {unknown} for loss {name!r}. Known: {', '.join(REQUIREMENTS)}.")
+    if reference is not None and reference not in REFERENCE_USES:
+        raise MoEUnlearnError(
+            f"reference={reference!r} for loss {name!r} must be one of {', '.join(REFERENCE_USES)} (or None): "
+            f"'sequence' if the loss reads only ctx.reference_sequence_nll, 'logits' if it reads ctx.reference_logits."
+        )
+    if reference is not None and "reference" not in requires:
+        requires = requires + ("reference",)
+    if reference is None and "reference" in requires:
+        reference = "logits"  # the safe reading: a loss that may look at token-level reference logits
     if not isinstance(name, str) or not name:
         raise MoEUnlearnError(f"A loss name must be a non-empty string, got {name!r}.")
 
@@ -122,7 +149,7 @@ def register_loss(
                 f"A {existing.kind} loss named {name!r} is already registered. Pick another name, or pass "
                 f"override=True to replace it."
             )
-        _REGISTRY[name] = LossSpec(name=name, kind=kind, requires=requires, target=target)
+        _REGISTRY[name] = LossSpec(name=name, kind=kind, requires=requires, target=target, reference=reference)
         return target
 
     return decorator
@@ -164,4 +191,4 @@ def get_loss(name: str, kind: str | None = None) -> RegisteredLoss:
     """A callable ``loss(ctx) -> Tensor`` for ``name`` (classes are instantiated here, with no arguments)."""
     spec = get_loss_spec(name, kind)
     fn = spec.target() if isinstance(spec.target, type) else spec.target
-    return RegisteredLoss(name=spec.name, kind=spec.kind, requires=spec.requires, fn=fn)
+    return RegisteredLoss(name=spec.name, kind=spec.kind, requires=spec.requires, fn=fn, reference=spec.reference)
