@@ -9,8 +9,10 @@ Bad input (a missing file, an empty dataset, a dense model, ...) prints one clea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -20,11 +22,40 @@ from .errors import MoEUnlearnError
 EXIT_BAD_INPUT = 2
 
 
+#: What a Hub model name looks like: ``name`` or ``org/name``. Anything else that is not on disk is a path.
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_path(name_or_path: str) -> str:
+    """Refuse, before anything loads, a ``--model`` that is meant as a local path but is not a saved model.
+
+    A string that exists on disk must be a directory with a ``config.json``; one that is not on disk and does not
+    look like a Hub name (``org/name``) is a path that does not exist. Saying so beats transformers' message, which
+    reports a failed Hub look-up for any string it cannot find locally.
+    """
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise MoEUnlearnError(
+                f"--model {name_or_path}: the directory holds no config.json, so it is not a saved transformers model. "
+                f"Give the directory model.save_pretrained() (and the tokenizer's save_pretrained) wrote."
+            )
+        return path
+    if os.path.exists(path):
+        raise MoEUnlearnError(f"--model {name_or_path} is a file: give the directory that holds the model's "
+                              f"config.json and weights, or a Hub name (org/name).")
+    if name_or_path.startswith((".", "~", os.sep)) or not _HUB_NAME.match(name_or_path):
+        raise MoEUnlearnError(f"--model {name_or_path}: the local path {os.path.abspath(path)} does not exist. Check "
+                              f"the path (relative paths start from {os.getcwd()}).")
+    return name_or_path
+
+
 def _load_model_and_tokenizer(name_or_path: str):
     """Load a causal LM and its tokenizer from a local path or a Hub name (the Hub needs network access)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    name_or_path = check_model_path(name_or_path)
     hf_logging.disable_progress_bar()  # one bar per weight file is noise next to our own progress bars
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -32,8 +63,13 @@ def _load_model_and_tokenizer(name_or_path: str):
 
         with no_zero3_init():  # loaded whole under a ZeRO-3 config (the selection needs it); the engine shards it
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto")
-    except OSError as err:
-        raise MoEUnlearnError(f"Cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from err
+    except (OSError, ValueError) as err:
+        if isinstance(err, MoEUnlearnError):
+            raise
+        where = "" if os.path.isdir(name_or_path) else " (not a local directory, so it was looked up on the Hub)"
+        raise MoEUnlearnError(
+            f"Cannot load --model '{name_or_path}'{where}: {str(err).strip().splitlines()[0]}"
+        ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -66,9 +102,11 @@ def run_attribute(args: argparse.Namespace) -> int:
     from .routing import attribute_experts, select_seuf, select_trace
     from .routing.report import plot_routing_heatmap, top_experts_table
 
-    forget_data = load_texts(args.forget, "forget set")
+    _check_attribute_flags(args)
     if args.method == "trace" and not args.retain:
         raise MoEUnlearnError("--method trace needs --retain: TRACE compares forget and retain routing.")
+    check_model_path(args.model)
+    forget_data = load_texts(args.forget, "forget set")
     retain_data = load_texts(args.retain, "retain set") if args.retain else None
     model, tokenizer = _load_model_and_tokenizer(args.model)
     find_moe_layers(model)  # a dense model fails here, before any work
@@ -90,6 +128,22 @@ def run_attribute(args: argparse.Namespace) -> int:
     print(top_experts_table(forget, retain, selection))
     print(f"selection: {selection_path}\nheatmap:   {plot_path}")
     return 0
+
+
+def _check_attribute_flags(args: argparse.Namespace) -> None:
+    """The numbers of ``attribute`` out of range, refused before any file or model is read."""
+    from .data.text import check_max_length
+
+    for flag in ("top_m", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise MoEUnlearnError(f"--{flag} {getattr(args, flag)} must be at least 1.")
+    for flag in ("max_layers", "max_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise MoEUnlearnError(f"--{flag} {getattr(args, flag)} must be at least 1 (leave it out for no limit).")
+    for flag in ("tau", "rho"):
+        if not getattr(args, flag) >= 0:
+            raise MoEUnlearnError(f"--{flag} {getattr(args, flag)} must be >= 0.")
+    check_max_length(args.max_length)
 
 
 @dataclass
@@ -129,11 +183,13 @@ def run_unlearn(args: argparse.Namespace) -> int:
     from .trainer import MoEUnlearnTrainer
 
     parser = TrlParser((UnlearnScriptArguments, MoEUnlearnConfig), prog="hf-moe-unlearn unlearn")
-    script, config = parser.parse_args_and_config(args=args.extra)
+    script, config = parser.parse_args_and_config(args=args.extra)  # ranges: MoEUnlearnConfig.__post_init__
+    check_model_path(script.model)
     forget = load_texts(script.forget, "forget set")
     retain = load_texts(script.retain, "retain set") if script.retain else None
     holdout = load_texts(script.holdout, "holdout set") if script.holdout else None
     forget_probe = load_texts(script.forget_probe, "forget probe set") if script.forget_probe else None
+    _check_before_model(config, retain, holdout)
     model, tokenizer = _load_model_and_tokenizer(script.model)
     trainer = MoEUnlearnTrainer(model, config, forget_dataset=forget, retain_dataset=retain,
                                 processing_class=tokenizer, holdout_dataset=holdout,
@@ -147,6 +203,76 @@ def run_unlearn(args: argparse.Namespace) -> int:
         print(stop.outcome)  # warnings reach stderr through logging already
     print(f"adapter, selection and config saved to {config.output_dir}")
     return 0
+
+
+def _check_before_model(config, retain, holdout) -> None:
+    """What the trainer would refuse without needing the model, checked before the model loads (which can take
+    minutes): the selection file's syntax, the loss names and the data they need, the stopping settings. The layers
+    and experts of the selection need the model: the trainer checks them before the first step."""
+    from types import SimpleNamespace
+
+    from .routing import ExpertSelection
+    from .trainer import MoEUnlearnTrainer
+
+    if config.selection:
+        ExpertSelection.load(config.selection)
+    elif config.selection_method == "trace" and retain is None:
+        raise MoEUnlearnError("--selection_method trace needs --retain: TRACE compares forget and retain routing.")
+    # The trainer's own checks, run now rather than copied: _resolve_losses only looks names up in the registry
+    # (it stores them on its first argument, here a throw-away namespace).
+    MoEUnlearnTrainer._resolve_losses(SimpleNamespace(), config, retain)
+    MoEUnlearnTrainer._check_probe_args(config, holdout, retain, {})
+    from .saving import check_output_dir  # the trainer checks it again at train(); here before the model loads
+
+    check_output_dir(config.output_dir, config.resume_from_checkpoint is not None, config.overwrite_output_dir)
+
+
+#: The trainer's Python arguments that a CLI flag sets.
+_ARGUMENT_FLAGS = {"forget_dataset": "--forget FILE", "retain_dataset": "--retain FILE",
+                   "holdout_dataset": "--holdout FILE", "forget_probe_dataset": "--forget_probe FILE"}
+_VALUE = r"""'[^']*'|"[^"]*"|\{[^}]*\}|\[[^\]]*\]|[^\s,;)]+"""
+
+
+def in_flags(message: str, names) -> str:
+    """Say ``message`` in the words of the command line: ``name=value`` becomes ``--name value`` and a bare
+    ``snake_case`` field name ``--name`` for every name in ``names`` (the command's flags), and the trainer's
+    dataset arguments (``retain_dataset=...``) become their flags (``--retain FILE``).
+
+    The library's messages speak Python (``MoEUnlearnConfig(max_length=...)``), which is right for the API; the
+    CLI translates them here, in one place, instead of every message carrying both spellings.
+    """
+    message = re.sub(r" \(CLI: [^)]*\)", "", message)  # the few messages that already give the flag
+    for argument, flag in _ARGUMENT_FLAGS.items():
+        message = re.sub(rf"\b{argument}=(\.\.\.)?", flag, message)
+    message = re.sub(r"\bprocessing_class=", "", message)
+    names = sorted(set(names), key=len, reverse=True)
+    if not names:
+        return message
+    alternatives = "|".join(map(re.escape, names))
+
+    def flag_value(match: re.Match) -> str:
+        value, tail = match.group(2), ""
+        if value[:1] in "'\"" and value[-1:] == value[:1]:
+            value = value[1:-1]
+        elif value.endswith((".", ":")) and not value[:1] in "{[":
+            value, tail = value[:-1], value[-1]
+        value = {"True": "true", "False": "false", "None": "none"}.get(value, value)
+        return f"--{match.group(1)} {value}{tail}"
+
+    message = re.sub(rf"(?<![\w\-./'\"])({alternatives})=({_VALUE})", flag_value, message)
+    bare = "|".join(re.escape(n) for n in names if "_" in n)
+    if bare:
+        message = re.sub(rf"(?<![\w\-./'\"])({bare})(?![\w(]|\.\w)", r"--\1", message)
+    return message
+
+
+def _flag_names(args: argparse.Namespace) -> list[str]:
+    """The flags of the command that ran (their ``dest`` names)."""
+    if args.command == "unlearn":
+        from .config import MoEUnlearnConfig
+
+        return [f.name for cls in (MoEUnlearnConfig, UnlearnScriptArguments) for f in dataclasses.fields(cls)]
+    return [name for name in vars(args) if name not in ("func", "command", "extra", "accepts_extra")]
 
 
 def _add_families_parser(sub) -> None:
@@ -204,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MoEUnlearnError as err:
-        print(f"hf-moe-unlearn {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(in_flags(str(err), _flag_names(args)).split())  # one line, in flags
+        print(f"hf-moe-unlearn {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -58,6 +58,13 @@ class MoEUnlearnConfig(TrainingArguments):
             argparse defaults are c = 20, α = 100, layer 7, params of layers 5–7). rmu_seed: seed of u.
         kl_direction: ``model_to_ref`` = KL(pθ‖pref) (default) or ``ref_to_model`` (OpenUnlearning's).
         forget_loss_bound: stop training when |forget loss| exceeds this (or is NaN); None disables the bound.
+        max_param_norm_growth: stop training when the norm of all trainable tensors exceeds this factor times its
+            value before the first step (default 1000; None: off): an adapter exploded by a learning rate far too
+            large. Measured: the demo's methods grow it 1.3-9.5x in 60 steps over the grid 2e-3..6e-2; one AdamW
+            step at learning_rate=1e3 ~4600x on a tiny model (AdamW moves every weight by about lr per step, so a
+            wider model's small LoRA init grows even faster). 1000 is 100x above the first, below the second. The
+            same guard (hf_moe_unlearn.guards) always stops on non-finite gradients and on gradients exactly 0 on
+            every trainable parameter for 3 steps in a row.
         cache_reference: compute the frozen reference's summed NLL of each forget example (NPO, IdkDPO: losses
             registered with ``reference="sequence"``) the first time the example is seen and reuse it later, instead
             of a reference forward at every step (default True; the same values up to float rounding). ``kl``'s
@@ -96,6 +103,13 @@ class MoEUnlearnConfig(TrainingArguments):
     Data:
         max_length: tokens per example (longer ones are cut).
 
+    Output folder (one run per folder; saves are atomic, see :mod:`hf_moe_unlearn.saving`):
+        overwrite_output_dir: a new run refuses an output_dir that holds another run's checkpoints or saved
+            adapter unless this is set (then they are removed first) or the run resumes.
+        resume_from_checkpoint: a checkpoint folder, or ``"latest"`` (``--resume_from_checkpoint`` with no value;
+            ``True`` in Python): the latest complete checkpoint in output_dir. Used by the CLI; in Python pass it
+            to ``trainer.train``.
+
     Stopping when the forget set is forgotten (docs/unlearning.md; the holdout and forget probe sets are given to
     the trainer as ``holdout_dataset`` / ``forget_probe_dataset``, or ``--holdout`` / ``--forget_probe`` in the CLI):
         forget_probe_size: examples of the forget set (a fixed, seeded sample) whose mean token NLL is logged as
@@ -128,6 +142,11 @@ class MoEUnlearnConfig(TrainingArguments):
     kl_direction: str = field(default="model_to_ref", metadata={"help": "model_to_ref or ref_to_model."})
     forget_loss_bound: float | None = field(
         default=1000.0, metadata={"help": "Stop when |forget loss| exceeds this or is NaN (None: no bound)."}
+    )
+    max_param_norm_growth: float | None = field(
+        default=1000.0,
+        metadata={"help": "Stop when the norm of the trainable parameters exceeds this factor times its value before "
+                          "the first step: an exploding adapter (None: no check)."},
     )
     cache_reference: bool = field(
         default=True,
@@ -201,6 +220,17 @@ class MoEUnlearnConfig(TrainingArguments):
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
     # Forget and retain halves of a batch travel as `retain_*` keys the model's forward does not take.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: batches carry retain_* keys."})
+    # --- output folder and resuming (saving.py: one run per output folder, atomic saves)
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run already in output_dir (its checkpoints and saved adapter) instead of "
+                          "refusing to start there."},
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "Resume from this checkpoint folder; given with no value (or 'latest'), from the latest "
+                          "complete checkpoint in output_dir.", "nargs": "?", "const": "latest"},
+    )
 
     def __post_init__(self) -> None:
         if not self.use_cpu and _needs_cpu_backend():
@@ -288,6 +318,10 @@ class MoEUnlearnConfig(TrainingArguments):
                 raise MoEUnlearnError(f"{name}={value} must be > 0.")
         if self.forget_loss_bound is not None and not self.forget_loss_bound > 0:
             raise MoEUnlearnError(f"forget_loss_bound={self.forget_loss_bound} must be > 0, or None for no bound.")
+        if self.max_param_norm_growth is not None and not self.max_param_norm_growth > 1:
+            raise MoEUnlearnError(
+                f"max_param_norm_growth={self.max_param_norm_growth} must be > 1 (a factor over the trainable "
+                f"parameters' norm before the first step; default 1000), or None for no check.")
         if self.max_steps == 0:
             raise MoEUnlearnError("max_steps=0 would train no step: give a positive number of optimizer steps, or -1 "
                                   "(the default) to train num_train_epochs epochs.")
@@ -299,6 +333,19 @@ class MoEUnlearnConfig(TrainingArguments):
             if value is not None and not value > 0:
                 raise MoEUnlearnError(f"{name}={value} must be > 0 (a number of steps, or a fraction of the run below "
                                       f"1).")
+        for name, what in (("trace_tau", "TRACE's forget-frequency threshold, a multiple of k/E"),
+                           ("trace_rho", "TRACE's forget/retain frequency ratio threshold"),
+                           ("weight_decay", "AdamW's decoupled weight decay"),
+                           ("max_grad_norm", "the gradient clipping norm; 0 turns clipping off")):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:  # NaN fails too
+                raise MoEUnlearnError(f"{name}={value} must be >= 0 ({what}).")
+        if not self.rmu_steering_coeff > 0:
+            raise MoEUnlearnError(f"rmu_steering_coeff={self.rmu_steering_coeff} must be > 0 (RMU steers forget "
+                                  f"activations towards c times a random unit vector).")
+        if self.rmu_layer is not None and self.rmu_layer < 0:
+            raise MoEUnlearnError(f"rmu_layer={self.rmu_layer} must be a decoder layer index >= 0, or None for the "
+                                  f"highest selected layer.")
         if self.dataloader_num_workers < 0:
             raise MoEUnlearnError(f"dataloader_num_workers={self.dataloader_num_workers} must be >= 0 (0: load in the "
                                   f"main process).")

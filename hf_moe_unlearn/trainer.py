@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections import defaultdict
 from dataclasses import fields
 from typing import Any
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, rotate_checkpoints
 
 from .config import MoEUnlearnConfig, default_learning_rate
 from .data.text import PaddingCollator, counted_mask, tokenize_dataset
@@ -39,6 +41,7 @@ from .moe.layers import clean_module_name, decoder_layers, find_moe_layers, para
 from .probe import HOLDOUT, PROBE, RETAIN, StopWhenForgottenCallback, first_logged, fixed_sample, nll_sums
 from .reference_cache import EXAMPLE_INDEX, ReferenceCache
 from .routing import ExpertSelection, RouterRecorder, attribute_experts, select_seuf, select_trace, trace_scores
+from . import saving
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ RETAIN_PREFIX = "retain_"
 RESUME_CHECKED_FIELDS: tuple[str, ...] = tuple(
     [f.name for f in fields(MoEUnlearnConfig) if f.name not in {g.name for g in fields(TrainingArguments)}
      and f.name not in ("selection", "stop_at_holdout", "max_retain_nll_rise", "forget_loss_bound",
-                        "attribution_batch_size", "cache_reference")]
+                        "attribution_batch_size", "cache_reference", "overwrite_output_dir", "max_param_norm_growth")]
     + ["learning_rate", "seed", "data_seed"]
 )
 
@@ -182,6 +185,9 @@ class MoEUnlearnTrainer(Trainer):
             self.stop_callback = StopWhenForgottenCallback(args.stop_at_holdout, args.max_retain_nll_rise)
             self.add_callback(self.stop_callback)
         self.add_callback(_CheckDataParallel(self))  # once the model is wrapped: gradients averaged, or refuse
+        from .guards import TrainingHealthGuard
+
+        self.add_callback(TrainingHealthGuard(self))  # non-finite / vanished gradients, exploding adapter: stop
         self.recorder = RouterRecorder(self.model, layers=self.selection.layers, accumulate=False, keep_current=True)
         self._needs_hidden = "hidden" in self.loss_requirements
         self._layers_path, self._decoder_layers = decoder_layers(self.model)
@@ -395,10 +401,25 @@ class MoEUnlearnTrainer(Trainer):
             self._hidden_handle = None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """``Trainer.train``; a resume first checks that the checkpoint was written by a run of the same method."""
-        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+        """``Trainer.train``, in an output folder that holds this run only (another run's folder is refused unless
+        resuming it or ``overwrite_output_dir``); a resume takes the latest *complete* checkpoint for ``True`` /
+        ``"latest"`` and first checks that it was written by a run of the same method."""
+        resuming = resume_from_checkpoint is not None and resume_from_checkpoint is not False
+        if self.state.global_step == 0:  # a second train() of this trainer continues its own run
+            saving.check_output_dir(self.args.output_dir, resuming, self.args.overwrite_output_dir)
+        if self.args.overwrite_output_dir and not resuming and self.state.global_step == 0:
+            if self.args.should_save:
+                removed = saving.clear_previous_run(self.args.output_dir)
+                if removed:
+                    logger.warning("overwrite_output_dir: removed the previous run from %s (%s).",
+                                   self.args.output_dir, ", ".join(removed))
+            self.accelerator.wait_for_everyone()
+        if resuming:
             resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
             self._check_resumed_config(resume_from_checkpoint)
+        if self.args.should_save:  # rotation and get_last_checkpoint must never take a half-written one
+            saving.set_aside_incomplete_checkpoints(self.args.output_dir)
+        self.accelerator.wait_for_everyone()
         self._attach_hooks()
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -406,23 +427,32 @@ class MoEUnlearnTrainer(Trainer):
             self._detach_hooks()
 
     def _last_checkpoint(self) -> str | None:
-        """The latest ``checkpoint-N`` folder in ``output_dir``, or None (no folder, or no checkpoint yet)."""
-        output_dir = self.args.output_dir
-        return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        """The latest complete ``checkpoint-N`` folder in ``output_dir``, or None (no folder, or none finished)."""
+        return saving.last_complete_checkpoint(self.args.output_dir)
 
     def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool) -> str:
-        """The checkpoint folder, resolved as ``Trainer.train`` does (True: the latest in output_dir)."""
-        if resume_from_checkpoint is True:
+        """The checkpoint folder: ``True`` or ``"latest"`` is the latest complete one in output_dir; a path must be a
+        checkpoint whose save finished."""
+        if resume_from_checkpoint is True or (isinstance(resume_from_checkpoint, str) and
+                                              resume_from_checkpoint.lower() in ("latest", "true")
+                                              and not os.path.isdir(resume_from_checkpoint)):
             last = self._last_checkpoint()
             if last is None:
                 raise MoEUnlearnError(
-                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-N folder to resume "
-                    f"from. Give the checkpoint's path, or start without resume_from_checkpoint."
+                    f"resume_from_checkpoint (latest) but {self.args.output_dir} holds no complete checkpoint-N folder "
+                    f"to resume from. Give the checkpoint's path, or start without resume_from_checkpoint."
                 )
             return last
         path = os.fspath(resume_from_checkpoint)
         if not os.path.isdir(path):
             raise MoEUnlearnError(f"resume_from_checkpoint={path}: no such checkpoint folder.")
+        problem = saving.marker_problem(path)
+        if problem is not None:
+            raise MoEUnlearnError(
+                f"resume_from_checkpoint={path}: its save did not finish ({problem}), so its files may be partial "
+                f"or from two saves. Resume from an earlier checkpoint, or give resume_from_checkpoint with no path "
+                f"(the latest complete one)."
+            )
         return path
 
     def _check_resumed_config(self, checkpoint: str) -> None:
@@ -834,14 +864,54 @@ class MoEUnlearnTrainer(Trainer):
         return self.accelerator.reduce(tensor.detach().clone(), reduction="sum")
 
     # ------------------------------------------------------------------------------------------- saving
+    _saving_checkpoint = False
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        if not self.args.should_save:  # the main process writes; the others wait at the Trainer's own barrier
-            return
+        """The Trainer's save (adapter, tokenizer, training args) plus ``selection.json`` and ``unlearn_config.json``.
+
+        A final save is written into a staging folder and published atomically with a completion marker
+        (:func:`hf_moe_unlearn.saving.publish`); a checkpoint is written in place and marked complete by
+        :meth:`_save_checkpoint` once every file of it is written."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        self.selection.save(os.path.join(output_dir, "selection.json"))
-        with open(os.path.join(output_dir, "unlearn_config.json"), "w") as f:
+        if not self.args.should_save:  # non-writers only join the Trainer's collectives; nothing is written
+            super()._save(output_dir, state_dict)
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        target = output_dir if self._saving_checkpoint else saving.staging_folder(output_dir)
+        super()._save(target, state_dict)
+        self._write_run_files(target)
+        if not self._saving_checkpoint:
+            saving.publish(target, output_dir)
+
+    def _write_run_files(self, folder: str) -> None:
+        self.selection.save(os.path.join(folder, "selection.json"))
+        with open(os.path.join(folder, "unlearn_config.json"), "w") as f:
             f.write(self.args.to_json_string())
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """``Trainer._save_checkpoint``, finished by a completion marker once every process has written its part,
+        and only then the rotation (``save_total_limit``): a kill at any moment leaves the previous complete
+        checkpoints, or the new one complete, never only a partial one."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.exists(folder):
+            shutil.rmtree(folder)  # left by a save killed at this step: start clean rather than mix two saves
+        self.accelerator.wait_for_everyone()
+        # The Trainer rotates right after writing, before the marker could be; rotate after it instead.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit, self._saving_checkpoint = limit, False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.isfile(os.path.join(folder, TRAINING_ARGS_NAME)):  # written while the limit was lifted
+                torch.save(self.args, os.path.join(folder, TRAINING_ARGS_NAME))
+            self._write_run_files(folder)
+            saving.write_marker(folder)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Write the adapter's Hub model card (base model, method, losses, selected experts, eval results)."""

@@ -68,6 +68,23 @@ def _trainer(tmp_path, model=None, tokenizer=None, selection=None, forget=FORGET
     (dict(eval_steps=0), r"eval_steps=0 must be > 0"),
     (dict(save_strategy="steps", save_steps=0), r"save_steps=0 must be > 0"),
     (dict(dataloader_num_workers=-1), r"dataloader_num_workers=-1 must be >= 0"),
+    (dict(learning_rate=-1e-3), r"learning_rate=-0.001 must be > 0"),  # 0: tests/test_default_learning_rate.py
+    (dict(learning_rate=float("nan")), r"learning_rate=nan must be > 0"),
+    (dict(forget_loss_weight=-1.0), r"Loss weights must be non-negative"),
+    (dict(retain_loss_weight=-0.5), r"Loss weights must be non-negative"),
+    (dict(anchor_loss_weight=-1.0), r"Loss weights must be non-negative"),
+    (dict(forget_probe_size=0), r"forget_probe_size and retain_probe_size must be at least 1"),
+    (dict(retain_probe_size=0), r"forget_probe_size and retain_probe_size must be at least 1"),
+    (dict(max_retain_nll_rise=0.0), r"max_retain_nll_rise=0.0 must be > 0"),
+    (dict(adapter="qlora"), r"adapter='qlora' is not one of lora, full"),
+    (dict(selection_method="random"), r"selection_method='random' is not one of seuf, trace"),
+    (dict(retain_weighting="trace", retain_loss="none"), r"retain_weighting='trace' reweights the retain loss"),
+    (dict(trace_tau=-1.0), r"trace_tau=-1.0 must be >= 0"),
+    (dict(trace_rho=-0.5), r"trace_rho=-0.5 must be >= 0"),
+    (dict(weight_decay=-0.1), r"weight_decay=-0.1 must be >= 0"),
+    (dict(max_grad_norm=-1.0), r"max_grad_norm=-1.0 must be >= 0"),
+    (dict(rmu_steering_coeff=0.0), r"rmu_steering_coeff=0.0 must be > 0"),
+    (dict(rmu_layer=-1), r"rmu_layer=-1 must be a decoder layer index >= 0"),
     # TrainingArguments' own checks come out as MoEUnlearnError too (one line in the CLI, not a traceback)
     (dict(logging_steps=0), r"requires non-zero --logging_steps"),
     (dict(warmup_steps=-1), r"warmup_steps >= 0"),
@@ -192,7 +209,7 @@ def test_resume_with_same_config_and_other_stop_settings(tmp_path, checkpoint):
 
 
 @pytest.mark.parametrize("value,message", [
-    (True, r"resume_from_checkpoint=True but .* holds no checkpoint-N folder"),
+    (True, r"resume_from_checkpoint \(latest\) but .* holds no complete checkpoint-N folder"),
     ("nowhere/checkpoint-7", r"resume_from_checkpoint=nowhere/checkpoint-7: no such checkpoint folder"),
 ])
 def test_resume_without_a_checkpoint(tmp_path, value, message):
@@ -208,9 +225,14 @@ def test_loss_bound_stop_without_checkpoint_does_not_mention_one(tmp_path):
     assert "last saved checkpoint" not in str(err.value)
 
 
-def test_loss_bound_stop_names_the_last_checkpoint(tmp_path):
-    for step in (2, 10):  # the latest by number, not by name
+def test_loss_bound_stop_names_the_last_checkpoint(tmp_path, monkeypatch):
+    from hf_moe_unlearn import saving
+
+    for step in (2, 10):  # the latest complete one by number, not by name
         (tmp_path / "out" / f"checkpoint-{step}").mkdir(parents=True)
+        saving.write_marker(str(tmp_path / "out" / f"checkpoint-{step}"))
+    (tmp_path / "out" / "checkpoint-11").mkdir()  # incomplete (no marker): not "the last saved checkpoint"
+    monkeypatch.setattr(saving, "check_output_dir", lambda *a: None)  # as if these were this run's
     trainer = _trainer(tmp_path, forget_loss_bound=1e-9, retain_loss="none", retain=None)
     with pytest.raises(MoEUnlearnError, match=r"training stopped; the last saved checkpoint, .*checkpoint-10, is "
                                               r"intact"):
@@ -264,14 +286,17 @@ def no_progress_bars():
     datasets.enable_progress_bars()
 
 
-@pytest.mark.parametrize("flags,message", [
-    (("--per_device_train_batch_size", "0"), "per_device_train_batch_size=0 must be at least 1"),
-    (("--gradient_accumulation_steps", "-1"), "gradient_accumulation_steps=-1 must be at least 1"),
-    (("--max_steps", "0"), "max_steps=0 would train no step"),
-    (("--max_length", "-3"), "max_length=-3 cannot leave a label"),
-    (("--max_length", "1"), "max_length=1 cannot leave a label"),
+@pytest.mark.parametrize("flags,message", [  # in flags, not Python arguments (issue 12, item 5)
+    (("--per_device_train_batch_size", "0"), "--per_device_train_batch_size 0 must be at least 1"),
+    (("--gradient_accumulation_steps", "-1"), "--gradient_accumulation_steps -1 must be at least 1"),
+    (("--max_steps", "0"), "--max_steps 0 would train no step"),
+    (("--max_length", "-3"), "--max_length -3 cannot leave a label"),
+    (("--max_length", "1"), "--max_length 1 cannot leave a label"),
     (("--logging_steps", "0"), "requires non-zero --logging_steps"),
-    (("--lora_r", "0"), "lora_r=0 must be at least 1"),
+    (("--lora_r", "0"), "--lora_r 0 must be at least 1"),
+    (("--learning_rate", "0"), "--learning_rate 0.0 must be > 0"),
+    (("--num_train_epochs", "0", "--max_steps", "-1"), "--num_train_epochs 0.0 with --max_steps -1 would train no step"),
+    (("--max_grad_norm", "-1"), "--max_grad_norm -1.0 must be >= 0"),
 ])
 def test_cli_refuses_flags_out_of_range(tmp_path, saved_models, capsys, flags, message):
     assert _unlearn(saved_models, tmp_path, *flags) == 2
@@ -282,7 +307,8 @@ def test_cli_refuses_empty_answers(tmp_path, saved_models, capsys, no_progress_b
     forget = tmp_path / "forget.jsonl"
     forget.write_text("\n".join(json.dumps(row) for row in QA + [{"prompt": "w3", "answer": ""}]) + "\n")
     assert _unlearn(saved_models, tmp_path, forget=forget) == 2
-    assert "1 of the 3 examples of the forget set has an empty answer (the first: example 2)" in _one_error_line(capsys)
+    assert (f"1 of the 3 examples of the forget set ({forget}) has an empty answer (the first: example 2)"
+            in _one_error_line(capsys))
 
 
 def test_cli_refuses_a_tokenizer_that_does_not_fit(tmp_path, saved_models, capsys, no_progress_bars):
@@ -298,4 +324,289 @@ def test_cli_refuses_resume_with_another_loss(tmp_path, saved_models, capsys, no
                     "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-1"))
     assert code == 2
     line = _one_error_line(capsys)
-    assert "Cannot resume from" in line and "forget_loss ('ga' in the checkpoint, 'npo' now)" in line
+    assert "Cannot resume from" in line and "--forget_loss ('ga' in the checkpoint, 'npo' now)" in line
+
+
+# ------------------------------------------------- data and selection files, model paths, early checks (item 2-3)
+# Every case below is refused before the model loads: the CLI runs with the model loader replaced by one that
+# fails the test, so a case that reached it would not exit 2 with its own message.
+@pytest.fixture
+def model_never_loads(monkeypatch):
+    import hf_moe_unlearn.cli as cli
+
+    def refuse(name):
+        raise AssertionError(f"the model was loaded ({name}) before the bad input was refused")
+
+    monkeypatch.setattr(cli, "_load_model_and_tokenizer", refuse)
+
+
+def _cli_error(capsys, code, command="unlearn"):
+    """The exit code is 2 and stderr is one error line, without a traceback; returns that line."""
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"hf-moe-unlearn {command}: error: ")
+    return lines[0]
+
+
+TEXT_LINES = "\n".join(json.dumps({"text": t}) for t in FORGET[:2])
+# (file name, content, fragments of the message after the file's path)
+BAD_DATA_FILES = [
+    ("invalid.json", '[{"text": "w1 w2"}, {"text": ', ["is not valid JSON: line 1, column 30"]),
+    ("invalid.jsonl", TEXT_LINES + '\n\n{"text": "w3"\n', ["is not valid JSON Lines: line 4, column 14"]),
+    ("number.jsonl", TEXT_LINES + '\n{"text": 5}\n', ["line 3 has a number (5) in 'text'", "a string in 'text'"]),
+    ("numbers.json", '[{"text": 5}, {"text": 6}]', ["row 0 has a number (5) in 'text'"]),
+    ("null.jsonl", TEXT_LINES + '\n{"text": null}\n', ["line 3 has no 'text' value (missing or null)"]),
+    ("missing.jsonl", TEXT_LINES + '\n{"title": "w1"}\n', ["line 3 has no 'text' value (missing or null)"]),
+    ("list_row.jsonl", '["w1", "w2"]\n', ["line 1 is a list, not an object"]),
+    ("scalar.json", "5", ["holds a JSON int; expected a list of objects"]),
+    ("columns.jsonl", '{"body": "w1", "title": "w2"}\n', ["has columns ['body', 'title']", "a 'text' column, or a "
+                                                                "prompt column (prompt/question) and an answer column"]),
+    ("null_prompt.jsonl", '{"prompt": null, "answer": "w1"}\n', ["line 1 has no 'prompt' value"]),
+    ("number_answer.jsonl", '{"prompt": "w1", "answer": 7}\n', ["line 1 has a number (7) in 'answer'"]),
+    ("number_idk.jsonl", '{"prompt": "w1", "answer": "w2", "idk": 3}\n', ["line 1 has a number (3) in 'idk'"]),
+    ("bad_ids.jsonl", '{"input_ids": [5, "w6"]}\n', ["line 1 has a list in 'input_ids'", "integer token ids"]),
+    ("bad_labels.jsonl", '{"input_ids": [5, 6, 7], "labels": [5, 6]}\n', ["line 1 has 'labels' that are not a list of "
+                                                                          "integers as long as its 'input_ids' (3)"]),
+    ("latin1.txt", "w1 w2\nw3 caf\xe9\n".encode("latin-1"), ["is not UTF-8 text: byte 0xe9 on line 2"]),
+    ("latin1.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"), ["is not UTF-8 text: byte 0xe9 on line 1"]),
+    ("latin1.csv", "text\ncaf\xe9\n".encode("latin-1"), ["as CSV", "Save it as UTF-8"]),
+    ("broken.csv", 'text\n"w1 w2\n', ["as CSV: Error tokenizing data"]),
+    ("numbers.csv", "text\n1\n2\n", ["data row 1 has a number (1) in 'text'"]),
+    ("columns.csv", "a,b\nw1,w2\n", ["has columns ['a', 'b']"]),
+    ("broken.parquet", "not a parquet file", ["as Parquet: Parquet magic bytes not found"]),
+    ("not_a_dataset", None, ["a directory must hold a dataset written by datasets' save_to_disk"]),
+]
+
+
+def _write_data(tmp_path, name, content):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize("name,content,fragments", BAD_DATA_FILES, ids=[case[0] for case in BAD_DATA_FILES])
+def test_load_texts_refuses_bad_data_file(tmp_path, name, content, fragments):
+    from hf_moe_unlearn.data.text import load_texts
+
+    path = _write_data(tmp_path, name, content)
+    with pytest.raises(MoEUnlearnError) as err:
+        load_texts(path, "forget set")
+    assert f"the forget set file {path}".lower() in str(err.value).lower()
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("flag", ["--forget", "--retain"])
+@pytest.mark.parametrize("name,content,fragments", BAD_DATA_FILES, ids=[case[0] for case in BAD_DATA_FILES])
+def test_cli_refuses_bad_data_file_before_the_model(tmp_path, saved_models, capsys, model_never_loads, flag, name,
+                                                    content, fragments):
+    path = _write_data(tmp_path, name, content)
+    flags = {"--forget": dict(forget=path), "--retain": dict()}[flag]
+    extra = ("--retain", str(path)) if flag == "--retain" else ()
+    line = _cli_error(capsys, _unlearn(saved_models, tmp_path, *extra, **flags))
+    assert f"{flag.strip('-')} set file {path}" in line
+    for fragment in fragments:
+        assert fragment in line
+
+
+def test_attribute_refuses_bad_data_file_before_the_model(tmp_path, saved_models, capsys, model_never_loads):
+    path = _write_data(tmp_path, "number.jsonl", TEXT_LINES + '\n{"text": 5}\n')
+    code = main(["attribute", "--model", str(saved_models / "moe"), "--forget", str(path),
+                 "--output", str(tmp_path / "o")])
+    assert f"forget set file {path}: line 3 has a number (5) in 'text'" in _cli_error(capsys, code, "attribute")
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([{"text": "w1 w2"}, {"text": 5}], r"The forget set: example 1 has a number \(5\) in 'text'"),
+    ([{"text": "w1 w2"}, {"text": None}], r"The forget set: example 1 has no 'text' value \(missing or null\)"),
+    ([{"text": "w1 w2"}, {"title": "w3"}], r"The forget set: example 1 has no 'text' value"),
+    ([{"prompt": ["w1"], "answer": "w2"}], r"The forget set: example 0 has a list in 'prompt'"),
+    (["w1 w2", 3], r"The forget set: example 1 is a number \(3\), but example 0 is a text"),
+    ([{"text": "w1"}, "w2"], r"The forget set: example 1 is a str, not an object"),
+    ([{"body": "w1"}], r"The forget set has columns \['body'\]; examples need a 'text' column"),
+])
+def test_python_api_refuses_wrong_types(tmp_path, rows, message):
+    with pytest.raises(MoEUnlearnError, match=message):
+        _trainer(tmp_path, forget=rows)
+
+
+def test_python_api_refuses_wrong_types_in_a_dataset(tiny_tokenizer):
+    import datasets
+
+    with pytest.raises(MoEUnlearnError, match=r"The retain set: example 0 has a number \(1\) in 'text'"):
+        tokenize_dataset(datasets.Dataset.from_dict({"text": [1, 2]}), tiny_tokenizer, name="retain set")
+    ids = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [5, 6]], "labels": [[5, 6, 7], [5]]})
+    with pytest.raises(MoEUnlearnError, match=r"example 1 has 'labels' that are not a list of integers as long"):
+        tokenize_dataset(ids, tiny_tokenizer, name="retain set")
+
+
+SELECTION_FILES = [
+    ("invalid", '{"experts": {"1": [0]', "is not valid JSON: line 1, column 22"),
+    ("not_utf8", b'{"experts": {"1": [0]}, "method": "\xff"}', "is not UTF-8 text"),
+    ("list", "[1, 0]", "a selection must be a JSON object with an 'experts' mapping"),
+    ("no_experts", '{"method": "seuf"}', "a selection needs an 'experts' mapping {layer: [expert, ...]}; found keys "
+                                         "['method']"),
+    ("null_experts", '{"experts": null}', "'experts' must map layer indices to lists of expert ids"),
+    ("experts_list", '{"experts": [1, 0]}', "'experts' must map layer indices to lists of expert ids"),
+    ("layer_name", '{"experts": {"mlp": [0]}}', "a layer index in 'experts' must be an integer >= 0, not the string "
+                                                "'mlp'"),
+    ("expert_string", '{"experts": {"1": "0"}}', "'experts' of layer 1 must be a list of expert ids, not the string"),
+    ("expert_float", '{"experts": {"1": [0.5]}}', "an expert id in layer 1 of 'experts' (a routed expert's index; "
+                                                  "shared experts are always active, have no id and are never "
+                                                  "selectable) must be an integer >= 0, not the number 0.5"),
+    ("expert_negative", '{"experts": {"1": [-1]}}', "must be an integer >= 0, not the number -1"),
+    ("scores", '{"experts": {"1": [0]}, "scores": {"1": {"0": "high"}}}', "'scores' of layer 1, expert 0 must be a "
+                                                                          "number"),
+    ("version", '{"experts": {"1": [0]}, "schema_version": "1"}', "'schema_version' must be an integer"),
+    ("empty", '{"experts": {"1": []}}', "the expert selection names no expert"),
+]
+
+
+@pytest.mark.parametrize("name,content,fragment", SELECTION_FILES, ids=[case[0] for case in SELECTION_FILES])
+def test_selection_file_refused_before_the_model(tmp_path, saved_models, capsys, model_never_loads, name, content,
+                                                 fragment):
+    from hf_moe_unlearn.routing import ExpertSelection
+
+    path = _write_data(tmp_path, f"{name}.json", content)
+    with pytest.raises(MoEUnlearnError) as err:
+        ExpertSelection.load(path)
+    assert str(err.value).startswith(f"The selection file {path}") and fragment in str(err.value)
+    line = _cli_error(capsys, _unlearn(saved_models, tmp_path, "--selection", str(path)))
+    assert f"The selection file {path}" in line and fragment in line
+
+
+@pytest.mark.parametrize("experts,fragment", [
+    ({"5": [0]}, "names layer 5, which is not an MoE layer of this model. MoE layers: [0, 1]"),
+    ({"1": [4]}, "names expert(s) [4] in layer 1, which has routed experts 0..3"),
+])
+def test_selection_out_of_range_for_the_model(tmp_path, saved_models, capsys, no_progress_bars, experts, fragment):
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps({"experts": experts}))
+    line = _cli_error(capsys, _unlearn(saved_models, tmp_path, "--selection", str(path), "--save_strategy", "steps",
+                                       "--save_steps", "1"))
+    assert f"The selection in {path} {fragment}" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # refused before the first step
+
+
+@pytest.mark.parametrize("make,fragment", [
+    (lambda tmp: "./no/such/dir", "the local path {cwd}/no/such/dir does not exist"),
+    (lambda tmp: str(tmp / "missing_model"), "the local path {tmp}/missing_model does not exist"),
+    (lambda tmp: "no/such/model/dir", "the local path {cwd}/no/such/model/dir does not exist"),
+    (lambda tmp: (tmp / "empty_dir").mkdir() or str(tmp / "empty_dir"), "the directory holds no config.json"),
+    (lambda tmp: (tmp / "weights.bin").write_text("x") and str(tmp / "weights.bin"), "is a file: give the directory"),
+])
+@pytest.mark.parametrize("command", ["unlearn", "attribute"])
+def test_model_path_that_does_not_exist(tmp_path, capsys, model_never_loads, make, fragment, command):
+    import os
+
+    model = make(tmp_path)
+    forget = tmp_path / "forget.txt"
+    forget.write_text("\n".join(FORGET) + "\n")
+    if command == "unlearn":
+        code = main(["unlearn", "--model", model, "--forget", str(forget), "--output_dir", str(tmp_path / "out"),
+                     "--report_to", "none", "--retain_loss", "none"])
+    else:
+        code = main(["attribute", "--model", model, "--forget", str(forget), "--output", str(tmp_path / "o")])
+    line = _cli_error(capsys, code, command)
+    assert f"--model {model}" in line and fragment.format(cwd=os.getcwd(), tmp=tmp_path) in line
+    assert "looked up on the Hub" not in line  # says the path is missing, not that the Hub failed
+
+
+def test_hub_name_not_found_says_it_was_looked_up(tmp_path, capsys, monkeypatch):
+    from hf_moe_unlearn.cli import _load_model_and_tokenizer
+
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    with pytest.raises(MoEUnlearnError, match=r"Cannot load --model 'nobody/no-such-model' \(not a local directory, "
+                                              r"so it was looked up on the Hub\): "):
+        _load_model_and_tokenizer("nobody/no-such-model")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--top_m", "0"), "--top_m 0 must be at least 1"),
+    (("--batch_size", "0"), "--batch_size 0 must be at least 1"),
+    (("--batch_size", "-4"), "--batch_size -4 must be at least 1"),
+    (("--max_tokens", "0"), "--max_tokens 0 must be at least 1"),
+    (("--max_layers", "0"), "--max_layers 0 must be at least 1"),
+    (("--tau", "-1"), "--tau -1.0 must be >= 0"),
+    (("--rho", "-0.5"), "--rho -0.5 must be >= 0"),
+    (("--max_length", "1"), "--max_length 1 cannot leave a label"),
+    (("--method", "trace"), "--method trace needs --retain"),
+])
+def test_attribute_refuses_flags_before_the_model(tmp_path, saved_models, capsys, model_never_loads, flags, message):
+    forget = tmp_path / "forget.txt"
+    forget.write_text("\n".join(FORGET) + "\n")
+    code = main(["attribute", "--model", str(saved_models / "moe"), "--forget", str(forget),
+                 "--output", str(tmp_path / "o"), *flags])
+    assert message in _cli_error(capsys, code, "attribute")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--forget_loss", "gaa"), "Unknown forget loss 'gaa'"),
+    (("--retain_loss", "nll", "--no_retain"), "needs a retain dataset: pass --retain FILE, or set --retain_loss none"),
+    (("--stop_at_holdout", "true"), "--stop_at_holdout true needs a holdout set to stop at: pass --holdout FILE,"),
+    (("--selection_method", "trace", "--retain_loss", "none", "--no_retain"), "--selection_method trace needs --retain"),
+])
+def test_unlearn_refuses_settings_before_the_model(tmp_path, saved_models, capsys, model_never_loads, flags, message):
+    if "--no_retain" in flags:
+        flags = tuple(f for f in flags if f != "--no_retain")
+        forget = tmp_path / "forget.txt"
+        forget.write_text("\n".join(FORGET) + "\n")
+        code = main(["unlearn", "--model", str(saved_models / "moe"), "--forget", str(forget), "--output_dir",
+                     str(tmp_path / "out"), "--report_to", "none", *flags])
+    else:
+        code = _unlearn(saved_models, tmp_path, *flags)
+    line = _cli_error(capsys, code)
+    assert message in line
+    assert "_dataset" not in line and "(CLI:" not in line
+
+
+# ------------------------------------------------------------------------- messages in flags (item 5)
+def test_cli_translates_python_arguments_to_flags():
+    import argparse
+
+    from hf_moe_unlearn.cli import _flag_names, in_flags
+
+    names = _flag_names(argparse.Namespace(command="unlearn"))
+    cases = {
+        "max_length=0 cannot leave a label: max_length must be at least 2.":
+            "--max_length 0 cannot leave a label: --max_length must be at least 2.",
+        "pass retain_dataset=..., or set retain_loss='none' (plain GA).":
+            "pass --retain FILE, or set --retain_loss none (plain GA).",
+        "stop_at_holdout=True needs a holdout: pass holdout_dataset=... (CLI: --holdout FILE), text":
+            "--stop_at_holdout true needs a holdout: pass --holdout FILE, text",
+        "forget_loss ('ga' in the checkpoint, 'npo' now)": "--forget_loss ('ga' in the checkpoint, 'npo' now)",
+        # left alone: flags already, file names, paths, words that are no flag
+        "requires non-zero --logging_steps": "requires non-zero --logging_steps",
+        "see unlearn_config.json in /runs/output_dir/x and forget_probe.txt": "see unlearn_config.json in "
+                                                                              "/runs/output_dir/x and forget_probe.txt",
+        "the adapter and its selection": "the adapter and its selection",
+        "pass raw text and processing_class=the model's tokenizer": "pass raw text and the model's tokenizer",
+    }
+    for python, cli in cases.items():
+        assert in_flags(python, names) == cli
+
+
+# --------------------------------------------------------------------------- special tokens (item 5)
+def test_builtin_tokenizer_and_tiny_models_agree_on_special_tokens():
+    from hf_moe_unlearn.bench.tokenizer import build_tokenizer
+    from hf_moe_unlearn.moe import tiny_moe_config
+
+    words = build_tokenizer(["the river flows past the town"])
+    assert words.convert_ids_to_tokens([0, 2, 3]) == [words.pad_token, words.bos_token, words.eos_token]
+    for model_type in ("qwen3_moe", "mixtral", "deepseek_v3"):
+        config = tiny_moe_config(model_type, vocab_size=len(words))
+        assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (
+            words.pad_token_id, words.bos_token_id, words.eos_token_id), model_type
+    # the quickstart's pairing: generation stops on the token the tokenizer calls end-of-text
+    model = tiny_moe_model("qwen3_moe", vocab_size=len(words))
+    assert model.generation_config.eos_token_id == words.eos_token_id
+    assert model.generation_config.pad_token_id in (None, words.pad_token_id)
+    assert words("the town")["input_ids"][0] == model.config.bos_token_id

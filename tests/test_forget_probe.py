@@ -301,4 +301,4 @@ def test_cli_holdout_and_stop_at_holdout(tmp_path, learned_state, capsys):
     assert (out / "adapter_model.safetensors").is_file()
     code = main(common + ["--output_dir", str(tmp_path / "bad"), "--stop_at_holdout"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "stop_at_holdout=True needs a holdout set" in err[0]
+    assert code == 2 and len(err) == 1 and "--stop_at_holdout true needs a holdout set" in err[0]  # in flags

@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import MoEUnlearnError
 from ..moe.layers import MoELayer, unwrap_model
 from ..routing.selection import ExpertSelection
+from ..saving import check_save_complete
 from .card import build_model_card
 from .config import DUMMY_TARGET_MODULES, META_KEY, adapter_metadata, expert_lora_config, resolve_selection
 from .convert import PREFIX, _whole, layer_to_standard, standard_to_layer
@@ -99,6 +100,7 @@ def _adapter_dir(model_id: str | os.PathLike, revision: str | None = None, token
 
 
 def _read_adapter(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    check_save_complete(path)  # a save killed half-way is refused, not read as a mix of two saves
     config_file = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.exists(config_file):
         raise MoEUnlearnError(f"No {ADAPTER_CONFIG} in {path}: not a PEFT adapter directory.")

@@ -33,48 +33,207 @@ def load_texts(path: str | os.PathLike, name: str = "dataset"):
 
     ``.txt``: one document per non-empty line; ``.jsonl``/``.json``/``.parquet``/``.csv``: rows with a ``text``
     column or prompt/answer columns; a directory: a dataset saved with ``save_to_disk``.
+
+    Everything that can be told from the file alone is checked here, before any model is loaded: UTF-8, JSON
+    syntax (with the line), one object per row, the columns, the type of every text/prompt/answer value, empty
+    answers. Each refusal is a :class:`MoEUnlearnError` naming the file and what to fix.
     """
     import datasets
 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MoEUnlearnError(f"The {name} file {path} does not exist.")
+    where = f"the {name} file {path}"
+    label = _example_label
     if os.path.isdir(path):
-        dataset = datasets.load_from_disk(path)
+        try:
+            dataset = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError, OSError) as err:
+            raise MoEUnlearnError(
+                f"Cannot read {where}: a directory must hold a dataset written by datasets' save_to_disk "
+                f"({_reason(err)}). Give a .txt, .jsonl, .json, .parquet or .csv file instead."
+            ) from err
         if isinstance(dataset, datasets.DatasetDict):
             split = "train" if "train" in dataset else next(iter(dataset))
             dataset = dataset[split]
     elif path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
+        lines = _read_utf8(path, where).splitlines()
         dataset = datasets.Dataset.from_dict({"text": [line for line in lines if line.strip()]})
     elif path.endswith((".jsonl", ".json")):
-        rows = _read_json_rows(path)
+        rows, line_numbers = _read_json_rows(path, where)
+        if rows:
+            label = (lambda i: f"line {line_numbers[i]}") if line_numbers else (lambda i: f"row {i}")
+            check_rows(rows, where, label)  # before from_list: mixed types would fail inside pyarrow
         dataset = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({"text": []})
-    elif path.endswith(".parquet"):
-        dataset = datasets.Dataset.from_parquet(path)
-    elif path.endswith(".csv"):
-        dataset = datasets.Dataset.from_csv(path)
+    elif path.endswith((".parquet", ".csv")):
+        kind = "Parquet" if path.endswith(".parquet") else "CSV"
+        reader = datasets.Dataset.from_parquet if kind == "Parquet" else datasets.Dataset.from_csv
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it also logs the failure: one message is enough
+        bars = not datasets.utils.are_progress_bars_disabled()
+        datasets.utils.disable_progress_bars()  # "Generating train split" for one local file is noise
+        try:
+            dataset = reader(path)
+        except Exception as err:  # datasets wraps pyarrow/pandas errors in several types; the root says why
+            reason = _reason(err)
+            hint = " Save it as UTF-8." if "utf" in reason.lower() or isinstance(_root(err), UnicodeError) else ""
+            raise MoEUnlearnError(f"Cannot read {where} as {kind}: {reason}.{hint}") from err
+        finally:
+            datasets.logging.set_verbosity(verbosity)
+            if bars:
+                datasets.utils.enable_progress_bars()
+        if kind == "CSV":
+            label = lambda i: f"data row {i + 1}"  # noqa: E731
     else:
         raise MoEUnlearnError(
             f"Cannot read {path}: use .txt (one document per line), .jsonl, .json, .parquet, .csv, or a directory "
             f"written by datasets' save_to_disk."
         )
-    check_examples(dataset, name)
+    check_examples(dataset, name, path=path, label=label)
+    if example_format(dataset.column_names) == "qa":
+        check_answers(dataset, f"{name} ({path})")
     return dataset
 
 
-def _read_json_rows(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        data = json.load(f)
+def _root(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of the innermost error: datasets' own wrapper says only "An error occurred"."""
+    root = _root(err)
+    text = (str(root).strip().splitlines() or [type(root).__name__])[0]
+    return text.rstrip(".")
+
+
+def _read_utf8(path: str, where: str) -> str:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise MoEUnlearnError(
+            f"{where[0].upper()}{where[1:]} is not UTF-8 text: byte 0x{raw[err.start]:02x} on line {line} cannot be "
+            f"decoded. Re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        ) from None
+
+
+def _read_json_rows(path: str, where: str) -> tuple[list[Any], list[int]]:
+    """Rows of a .jsonl (one JSON object per line; blank lines skipped) or .json file (a list of objects, an object
+    with a ``data``/``rows`` list, or one object), and the line of each row (.jsonl only)."""
+    text = _read_utf8(path, where)
+    if path.endswith(".jsonl"):
+        rows, numbers = [], []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise MoEUnlearnError(
+                    f"{where[0].upper()}{where[1:]} is not valid JSON Lines: line {number}, column {err.colno}: "
+                    f"{err.msg}. Each line must be one JSON object, e.g. {{\"text\": \"...\"}}."
+                ) from None
+            numbers.append(number)
+        return rows, numbers
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MoEUnlearnError(
+            f"{where[0].upper()}{where[1:]} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}."
+        ) from None
     if isinstance(data, dict):
         data = data.get("data", data.get("rows", [data]))
-    return list(data)
+    if not isinstance(data, list):
+        raise MoEUnlearnError(
+            f"{where[0].upper()}{where[1:]} holds a JSON {type(data).__name__}; expected a list of objects "
+            f"(rows), or an object with a 'data' or 'rows' list."
+        )
+    return data, []
 
 
-def example_format(columns: Sequence[str]) -> str:
+def _example_label(index: int) -> str:
+    return f"example {index}"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, numbers.Number):
+        return f"a number ({value!r})"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def check_rows(rows: Sequence[Any], where: str, label=_example_label) -> None:
+    """Every row is an object (a dict) whose columns have the types training needs (see :func:`check_columns`)."""
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise MoEUnlearnError(
+                f"{where[0].upper()}{where[1:]}: {label(index)} is {_kind(row)}, not an object with a 'text' or "
+                f"prompt/answer fields."
+            )
+    columns = sorted({key for row in rows for key in row})
+    example_format(columns, where)
+    check_columns({c: [row.get(c) for row in rows] for c in columns}, where, label)
+
+
+def check_columns(columns: dict[str, Sequence[Any]], where: str, label=_example_label) -> None:
+    """Refuse values training cannot use, naming the first bad one: ``text`` must be a string in every example;
+    a prompt/answer pair needs a string prompt (answers may be missing: :func:`check_answers` refuses those with
+    its own message) and string answers/``idk``; ``input_ids``/``labels`` lists of integers of the same length."""
+    fmt = example_format(list(columns), where)
+    size = len(next(iter(columns.values()), []))
+
+    def fail(index: int, column: str, value: Any, wanted: str) -> None:
+        missing = value is None
+        raise MoEUnlearnError(
+            f"{where[0].upper()}{where[1:]}: {label(index)} "
+            + (f"has no '{column}' value (missing or null)" if missing else f"has {_kind(value)} in '{column}'")
+            + f"; every example needs {wanted}. Fill it in or drop the example."
+        )
+
+    if fmt == "text":
+        for index, value in enumerate(columns["text"]):
+            if not isinstance(value, str):
+                fail(index, "text", value, "a string in 'text'")
+    elif fmt == "qa":
+        prompts = [c for c in PROMPT_COLUMNS if c in columns]
+        for index in range(size):
+            values = [columns[c][index] for c in prompts]
+            value = next((v for v in values if v is not None), None)
+            if not isinstance(value, str):
+                fail(index, prompts[0] if value is None else prompts[values.index(value)], value,
+                     f"a string prompt ({'/'.join(prompts)})")
+        for column in [c for c in ANSWER_COLUMNS if c in columns] + [IDK_COLUMN] * (IDK_COLUMN in columns):
+            for index, value in enumerate(columns[column]):
+                if value is not None and not isinstance(value, str):
+                    fail(index, column, value, f"a string (or nothing) in '{column}'")
+    else:
+        def integers(value: Any) -> bool:
+            return isinstance(value, (list, tuple)) and all(
+                isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in value)
+
+        labels = columns.get("labels", [None] * size)
+        for index, ids in enumerate(columns["input_ids"]):
+            if not integers(ids):
+                fail(index, "input_ids", ids, "a list of integer token ids in 'input_ids'")
+            if labels[index] is not None and not (integers(labels[index]) and len(labels[index]) == len(ids)):
+                raise MoEUnlearnError(
+                    f"{where[0].upper()}{where[1:]}: {label(index)} has 'labels' that are not a list of integers "
+                    f"as long as its 'input_ids' ({len(ids)}); give one label per token (-100: not trained on)."
+                )
+
+
+def example_format(columns: Sequence[str], where: str | None = None) -> str:
     """``"text"``, ``"qa"`` or ``"tokenized"``, from a dataset's column names; a clear error otherwise."""
     columns = set(columns)
     if "input_ids" in columns:
@@ -83,17 +242,50 @@ def example_format(columns: Sequence[str]) -> str:
         return "text"
     if columns & set(PROMPT_COLUMNS) and columns & set(ANSWER_COLUMNS):
         return "qa"
+    prefix = f"{where[0].upper()}{where[1:]} has columns {sorted(columns)}; examples" if where else "Examples"
+    suffix = "" if where else f"; got columns {sorted(columns)}"
     raise MoEUnlearnError(
-        f"Examples need a 'text' column, or a prompt column ({'/'.join(PROMPT_COLUMNS)}) and an answer column "
-        f"({'/'.join(ANSWER_COLUMNS)}); got columns {sorted(columns)}."
+        f"{prefix} need a 'text' column, or a prompt column ({'/'.join(PROMPT_COLUMNS)}) and an answer column "
+        f"({'/'.join(ANSWER_COLUMNS)}), or 'input_ids'{suffix}. Rename the columns."
     )
 
 
-def check_examples(dataset, name: str = "dataset") -> None:
-    """Fail early on an empty dataset or one in a format we cannot train on."""
+def check_examples(dataset, name: str = "dataset", path: str | None = None, label=_example_label) -> None:
+    """Fail early on an empty dataset, one in a format we cannot train on, or values of the wrong type
+    (``path``: the file it was read from, for the message)."""
     if dataset is None or len(dataset) == 0:
-        raise MoEUnlearnError(f"The {name} is empty: it needs at least one example.")
-    example_format(dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0]))
+        raise MoEUnlearnError(f"The {name} is empty{f' ({path})' if path else ''}: it needs at least one example.")
+    where = f"the {name} file {path}" if path else f"the {name}"
+    columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0])
+    example_format(columns, where)
+    needed = [c for c in ("text", "input_ids", "labels", IDK_COLUMN, *PROMPT_COLUMNS, *ANSWER_COLUMNS)
+              if c in columns]
+    if "input_ids" in needed and _integer_lists(dataset, needed):
+        return  # the Arrow types already say so; the lengths of labels are checked by _integer_lists
+    check_columns({c: dataset[c] for c in needed}, where, label)
+
+
+def _integer_lists(dataset, columns: Sequence[str]) -> bool:
+    """True when a tokenized ``datasets.Dataset`` stores ``input_ids``/``labels`` as non-null integer lists of equal
+    lengths: checked on the Arrow columns, without turning millions of token ids into Python objects."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not hasattr(dataset, "with_format"):
+        return False
+    table = dataset.with_format("arrow")[:]
+    wanted = [c for c in ("input_ids", "labels") if c in columns]
+    for column in wanted:
+        array = table[column]
+        if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)):
+            return False
+        if not pa.types.is_integer(array.type.value_type) or array.null_count or pc.sum(
+                pc.is_null(pc.list_flatten(array))).as_py():
+            return False
+    if len(wanted) == 2:
+        same = pc.equal(pc.list_value_length(table["input_ids"]), pc.list_value_length(table["labels"]))
+        return bool(pc.all(same).as_py())
+    return True
 
 
 def as_dataset(data, name: str = "dataset"):
@@ -108,7 +300,12 @@ def as_dataset(data, name: str = "dataset"):
             raise MoEUnlearnError(f"The {name} is empty: it needs at least one example.")
         if all(isinstance(x, str) for x in data):
             data = datasets.Dataset.from_dict({"text": list(data)})
+        elif isinstance(data[0], str):
+            index = next(i for i, x in enumerate(data) if not isinstance(x, str))
+            raise MoEUnlearnError(f"The {name}: example {index} is {_kind(data[index])}, but example 0 is a text: give "
+                                  f"a list of texts (strings) or a list of dicts.")
         else:
+            check_rows(data, f"the {name}")  # before from_list: mixed types would fail inside pyarrow
             data = datasets.Dataset.from_list(list(data))
         check_examples(data, name)
         return data

@@ -15,6 +15,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from ..errors import MoEUnlearnError
 
+#: Special-token ids of every tiny model: those of the built-in word-level tokenizer (hf_moe_unlearn.bench.tokenizer:
+#: ``<pad>`` 0, ``<unk>`` 1, ``<bos>`` 2, ``<eos>`` 3), so a tiny model paired with it (the quickstart) pads, starts and
+#: stops on the tokens the tokenizer writes. Only the config's ids change with it: pad stays 0 (the embedding's
+#: padding row), and the benchmark's pre-training reads its ids from the tokenizer anyway.
+SPECIAL_TOKEN_IDS: dict[str, int] = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+
 _BASE: dict[str, Any] = dict(
     hidden_size=64,
     num_hidden_layers=2,
@@ -26,9 +32,7 @@ _BASE: dict[str, Any] = dict(
     moe_intermediate_size=32,
     max_position_embeddings=128,
     num_experts_per_tok=2,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
+    **SPECIAL_TOKEN_IDS,
     tie_word_embeddings=False,
 )
 # DeepSeek-style multi-head latent attention: no head_dim, LoRA-ranked q/kv, a dense first layer.
