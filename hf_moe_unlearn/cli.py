@@ -50,6 +50,29 @@ def check_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def _trainable_quantization(name_or_path: str) -> dict:
+    """``from_pretrained`` arguments that load a quantized checkpoint as trainable weights.
+
+    GPT-OSS checkpoints store their experts in MXFP4; where triton and ``kernels`` are installed, transformers keeps
+    them quantized (``Mxfp4GptOssExperts``), which cannot train and which the expert adapter cannot wrap. Unlearning
+    changes those experts, so they are dequantized to bf16 at load (transformers' ``Mxfp4Config(dequantize=True)``,
+    what it does anyway without the kernels). Other checkpoints load as they are."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return {}  # from_pretrained below reports the problem
+    quantization = getattr(config, "quantization_config", None) or {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization,
+                                                                                             "quant_method", None)
+    if str(method).lower().endswith("mxfp4"):
+        from transformers import Mxfp4Config
+
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    return {}
+
+
 def _load_model_and_tokenizer(name_or_path: str):
     """Load a causal LM and its tokenizer from a local path or a Hub name (the Hub needs network access)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,7 +85,8 @@ def _load_model_and_tokenizer(name_or_path: str):
         from .deepspeed_support import no_zero3_init
 
         with no_zero3_init():  # loaded whole under a ZeRO-3 config (the selection needs it); the engine shards it
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto")
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto",
+                                                         **_trainable_quantization(name_or_path))
     except (OSError, ValueError) as err:
         if isinstance(err, MoEUnlearnError):
             raise
@@ -183,7 +207,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
     from .trainer import MoEUnlearnTrainer
 
     parser = TrlParser((UnlearnScriptArguments, MoEUnlearnConfig), prog="hf-moe-unlearn unlearn")
-    script, config = parser.parse_args_and_config(args=args.extra)  # ranges: MoEUnlearnConfig.__post_init__
+    script, config = _parse_with_config_file(parser, args.extra)  # ranges: MoEUnlearnConfig.__post_init__
     check_model_path(script.model)
     forget = load_texts(script.forget, "forget set")
     retain = load_texts(script.retain, "retain set") if script.retain else None
@@ -203,6 +227,29 @@ def run_unlearn(args: argparse.Namespace) -> int:
         print(stop.outcome)  # warnings reach stderr through logging already
     print(f"adapter, selection and config saved to {config.output_dir}")
     return 0
+
+
+def _parse_with_config_file(parser, extra: list[str]):
+    """TrlParser's parse, with a bad ``--config`` file (missing, not YAML, not a mapping, an unknown key) said in one
+    line naming the file, instead of TRL's ``ValueError`` / yaml's traceback."""
+    import yaml
+
+    config_file = extra[extra.index("--config") + 1] if "--config" in extra[:-1] else None
+    if config_file is not None and not os.path.isfile(config_file):
+        raise MoEUnlearnError(f"The --config file {config_file} does not exist.")
+    try:
+        return parser.parse_args_and_config(args=extra)
+    except yaml.YAMLError as err:
+        raise MoEUnlearnError(f"The --config file {config_file} is not valid YAML: "
+                              f"{' '.join(str(err).split())}") from err
+    except ValueError as err:
+        if config_file is None or isinstance(err, MoEUnlearnError):
+            raise
+        message = str(err).split(". Please remove them")[0].rstrip(".")
+        raise MoEUnlearnError(
+            f"The --config file {config_file}: {message}. Each key must be a flag of `hf-moe-unlearn unlearn` "
+            f"(see --help) without the leading --."
+        ) from err
 
 
 def _check_before_model(config, retain, holdout) -> None:
