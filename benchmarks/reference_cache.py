@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import platform
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from expert_lora_step import _at_least_one, device_name  # one definition for the step benchmarks
 
 SIZES = {
     # The Qwen3-MoE of benchmarks/expert_lora_step.py's "tiny" size: 8 layers, so "layer 6 of 8" means the same.
@@ -193,19 +194,6 @@ def adapter_difference(a: Prepared, b: Prepared) -> float:
     pa = {n: p.detach() for n, p in a.trainer.model.named_parameters() if p.requires_grad}
     pb = {n: p.detach() for n, p in b.trainer.model.named_parameters() if p.requires_grad}
     return max(float((pa[n].float() - pb[n].float()).abs().max()) for n in pa)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
