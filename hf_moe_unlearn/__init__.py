@@ -32,6 +32,7 @@ _EXPORTS = {
     "select_seuf": "routing.attribution",
     "select_trace": "routing.attribution",
     "select_explicit": "routing.attribution",
+    "GripProjection": "routing.grip",
     # adapters
     "get_expert_peft_model": "adapter",
     "expert_lora_config": "adapter",
@@ -51,6 +52,10 @@ _EXPORTS = {
     "register_metric": "evaluation.registry",
     "get_metric": "evaluation.registry",
     "list_metrics": "evaluation.registry",
+    "mask_experts": "evaluation.attacks",
+    "restore_routing": "evaluation.attacks",
+    "routing_stability": "evaluation.routing",
+    "evaluate_model": "evaluation.harness",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,7 +1,7 @@
 """The ``hf-moe-unlearn`` command line.
 
 Subcommands: ``attribute`` (routing statistics + expert selection), ``unlearn`` (train with every
-``MoEUnlearnConfig`` field as a flag), ``demo`` / ``bench`` (the built-in benchmark), ``families`` (supported
+``MoEUnlearnConfig`` field as a flag), ``evaluate`` (WMDP/MMLU through lm-eval, MUSE, TOFU, routing), ``demo`` / ``bench`` (the built-in benchmark), ``families`` (supported
 model families).
 Bad input (a missing file, an empty dataset, a dense model, ...) prints one clear line and exits with status 2.
 """
@@ -322,6 +322,63 @@ def _flag_names(args: argparse.Namespace) -> list[str]:
     return [name for name in vars(args) if name not in ("func", "command", "extra", "accepts_extra")]
 
 
+def _add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="Evaluate a model (and adapter) on WMDP, MMLU (lm-eval), MUSE, TOFU, routing.")
+    p.add_argument("--model", required=True, help="local path or Hub name of the base model")
+    p.add_argument("--adapter", help="PEFT adapter folder to evaluate on top of --model")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated tasks: wmdp_bio, wmdp_chem, wmdp_cyber, wmdp, mmlu, mmlu_stem, ..., "
+                        "mmlu_<subject>, muse_books, muse_news, tofu, routing")
+    p.add_argument("--output", required=True, help="directory for results.json and results.md")
+    p.add_argument("--task_data", action="append", default=[], metavar="NAME=PATH[,NAME=PATH]",
+                   help="a local copy of a task's data in the Hub format (repeatable): a question/choices/answer "
+                        "file for lm-eval tasks, the dataset folder for muse_*/tofu, routing_forget=FILE and "
+                        "routing_retain=FILE for routing")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per dataset (smoke runs)")
+    p.add_argument("--retrain_model", help="a model retrained without the forget set: MUSE PrivLeak, TOFU forget quality")
+    p.add_argument("--selection", help="selection.json for the routing task (default: the adapter's selection)")
+    p.add_argument("--tofu_forget_split", default="forget10", help="forget01, forget05 or forget10")
+    p.add_argument("--log_samples", action="store_true", help="keep lm-eval's per-question log-likelihoods")
+    p.add_argument("--model_card", action="store_true",
+                   help="write the results into the adapter's README.md as Hub model-index metadata")
+    p.set_defaults(func=run_evaluate)
+
+
+def parse_task_data(items: Sequence[str]) -> dict[str, str]:
+    """``["a=x,b=y", "c=z"]`` -> ``{"a": "x", "b": "y", "c": "z"}``; a malformed or repeated entry is refused."""
+    out: dict[str, str] = {}
+    for item in items:
+        for part in item.split(","):
+            name, sep, path = part.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise MoEUnlearnError(f"--task_data {part!r}: write NAME=PATH, e.g. --task_data wmdp_cyber=wmdp_cyber.jsonl.")
+            if name.strip() in out:
+                raise MoEUnlearnError(f"--task_data names {name.strip()} twice.")
+            out[name.strip()] = path.strip()
+    return out
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.harness import check_tasks, evaluate_model
+
+    task_data = parse_task_data(args.task_data)
+    tasks = check_tasks(args.tasks.split(","), task_data)  # before the model path, so the cheapest error comes first
+    check_model_path(args.model)
+    if args.retrain_model:
+        check_model_path(args.retrain_model)
+    report = evaluate_model(args.model, adapter=args.adapter, tasks=tasks, task_data=task_data,
+                            output_dir=args.output, batch_size=args.batch_size, limit=args.limit,
+                            retrain_model=args.retrain_model, selection=args.selection,
+                            tofu_forget_split=args.tofu_forget_split, log_samples=args.log_samples,
+                            model_card=args.model_card)
+    from .evaluation.harness import results_markdown
+
+    print(results_markdown(report))
+    print(f"results: {os.path.join(args.output, 'results.json')}")
+    return 0
+
+
 def _add_families_parser(sub) -> None:
     p = sub.add_parser("families", help="Print the table of supported MoE families (markdown).")
     p.set_defaults(func=lambda args: print(families_markdown()) or 0)
@@ -354,7 +411,8 @@ def _add_bench_parsers(sub) -> None:
     add_bench_parser(sub)
 
 
-COMMANDS: list[Callable] = [_add_attribute_parser, _add_unlearn_parser, _add_bench_parsers, _add_families_parser]
+COMMANDS: list[Callable] = [_add_attribute_parser, _add_unlearn_parser, _add_evaluate_parser, _add_bench_parsers,
+                            _add_families_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ so the CLI (``hf-moe-unlearn unlearn --forget_loss npo ...``) and YAML configs c
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from transformers import TrainingArguments
 
 from .data.text import check_max_length
 from .errors import MoEUnlearnError
+from .losses.registry import list_losses
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +46,15 @@ class MoEUnlearnConfig(TrainingArguments):
     r"""Configuration of :class:`~hf_moe_unlearn.MoEUnlearnTrainer`.
 
     Losses (the total is ``γ·L_forget + α·L_retain + α_anchor·L_anchor``):
-        forget_loss: registered forget loss: ``ga``, ``npo``, ``simnpo``, ``rmu``, ``idk_nll``, ``idk_dpo`` or
-            your own.
+        forget_loss: registered forget loss: ``ga``, ``npo``, ``simnpo``, ``rmu``, ``idk_nll``, ``idk_dpo``, ``dpo``,
+            ``undial``, ``wga``, ``satimp``, ``ceu`` or your own (docs/unlearning.md lists them with their formulas).
         forget_loss_weight: γ.
         retain_loss: registered retain loss: ``nll`` (GradDiff), ``kl``, ``rmu_retain``, or ``none``.
         retain_loss_weight: α (GradDiff λ).
         npo_beta, simnpo_beta, simnpo_delta, idk_dpo_beta: NPO / SimNPO / IdkDPO temperatures and SimNPO's margin.
+        dpo_beta, undial_beta, wga_beta, satimp_beta1, satimp_beta2, ceu_ignore_first_n_answer_tokens: DPO (alternate
+            answers) β, UNDIAL's strength β, WGA's exponent β, SatImp's exponents β1 (of p) and β2 (of 1 − p), CE-U's
+            first answer tokens left out; defaults are OpenUnlearning's (configs/trainer/*.yaml).
         rmu_layer: decoder layer ℓ whose output hidden state (the residual stream, as the WMDP code's
             ``model.layers[ℓ]`` hook) RMU steers towards ``c·u`` on forget tokens and keeps at the frozen model's on
             retain tokens (``rmu_retain``, weight ``retain_loss_weight`` = WMDP's α). Default: the highest selected
@@ -100,6 +105,20 @@ class MoEUnlearnConfig(TrainingArguments):
             train-mode noise (PhiMoE's jitter and sampled sparsemixer) would otherwise route the model differently
             from its frozen reference, so NPO's log-ratio would not start at 0 and routing statistics would be noisy.
 
+    GRIP (router null-space constraint, arXiv 2601.16905; docs/unlearning.md, "GRIP"):
+        router_constraint: ``none`` (default) or ``grip``: after every optimizer step, each trained router's
+            weight change since the start is projected onto the null space of the retain set's router inputs
+            (collected once, before training, with the recorder's hooks), so the retain tokens' router logits stay
+            those of the start model. Needs a retain set and ``train_router=True``.
+        grip_rank_cutoff: ε in (0, 1): the share of the retain inputs' energy (the trace of their second moment)
+            left in the null space; the protected directions are the fewest leading eigen-directions carrying at
+            least 1 − ε of it (default 1e-2, ours: the paper's value was not available to us; on the built-in
+            benchmark's pre-trained target, 7.7k retain tokens, 1e-2 leaves 5-6 of 64 directions to the router, 1e-3
+            none: the routers are then frozen; docs/unlearning.md, "GRIP").
+        grip_ridge: λ ≥ 0 added to that second moment as λ times its mean eigenvalue before the cut-off
+            (shrinkage towards isotropy, for retain tokens the collection did not see: it shrinks the null space);
+            default 0 (ours).
+
     Data:
         max_length: tokens per example (longer ones are cut).
 
@@ -124,7 +143,8 @@ class MoEUnlearnConfig(TrainingArguments):
     """
 
     # --- losses
-    forget_loss: str = field(default="ga", metadata={"help": "Forget loss: ga, npo, simnpo, rmu, idk_nll, idk_dpo (or registered)."})
+    forget_loss: str = field(default="ga", metadata={
+        "help": f"Forget loss: {', '.join(list_losses('forget'))} (or one you registered)."})  # from the registry
     forget_loss_weight: float = field(default=1.0, metadata={"help": "γ, weight of the forget loss."})
     retain_loss: str = field(default="nll", metadata={"help": "Retain loss: nll, kl, rmu_retain or none."})
     retain_loss_weight: float = field(default=1.0, metadata={"help": "α, weight of the retain loss."})
@@ -132,6 +152,13 @@ class MoEUnlearnConfig(TrainingArguments):
     simnpo_beta: float = field(default=4.5, metadata={"help": "SimNPO β."})
     simnpo_delta: float = field(default=0.0, metadata={"help": "SimNPO δ."})
     idk_dpo_beta: float = field(default=0.1, metadata={"help": "IdkDPO β (OpenUnlearning default 0.1)."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO (alternate answers) β (OpenUnlearning default 0.1)."})
+    undial_beta: float = field(default=10.0, metadata={"help": "UNDIAL strength β on the forget token's logit (> 0)."})
+    wga_beta: float = field(default=1.0, metadata={"help": "WGA: token weight p^β (>= 0; 0 = GA)."})
+    satimp_beta1: float = field(default=5.0, metadata={"help": "SatImp: exponent β1 of p (>= 0)."})
+    satimp_beta2: float = field(default=1.0, metadata={"help": "SatImp: exponent β2 of 1 - p (>= 0)."})
+    ceu_ignore_first_n_answer_tokens: int = field(
+        default=1, metadata={"help": "CE-U: first answer tokens of each example left out of the loss (>= 0)."})
     rmu_layer: int | None = field(
         default=None,
         metadata={"help": "Decoder layer whose output (the residual stream) RMU steers; default: the highest "
@@ -189,6 +216,22 @@ class MoEUnlearnConfig(TrainingArguments):
         default=True,
         metadata={"help": "Keep the MoE blocks in eval mode while training (no router jitter or sampled routing, "
                           "e.g. PhiMoE), so the model routes as its reference and the recorded statistics do."},
+    )
+    # --- GRIP: router updates in the null space of the retain set's router inputs
+    router_constraint: str = field(
+        default="none",
+        metadata={"help": "none or grip: project every router weight update onto the null space of the retain set's "
+                          "router inputs (GRIP, arXiv 2601.16905), so retain routing logits do not change."},
+    )
+    grip_rank_cutoff: float = field(
+        default=1e-2,
+        metadata={"help": "GRIP ε in (0, 1): share of the retain router inputs' energy left in the null space (the "
+                          "protected directions carry the other 1 − ε)."},
+    )
+    grip_ridge: float = field(
+        default=0.0,
+        metadata={"help": "GRIP ridge λ >= 0: λ times the mean eigenvalue added to the retain inputs' second moment "
+                          "before the cut-off (shrinks the null space)."},
     )
     # --- data
     max_length: int = field(default=512, metadata={"help": "Maximum tokens per example."})
@@ -268,6 +311,7 @@ class MoEUnlearnConfig(TrainingArguments):
             "anchor_form": ("masked_softmax", "full_softmax"),
             "seuf_score": ("masked_softmax", "gate"),
             "kl_direction": ("model_to_ref", "ref_to_model"),
+            "router_constraint": ("none", "grip"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -288,6 +332,20 @@ class MoEUnlearnConfig(TrainingArguments):
             raise MoEUnlearnError("retain_weighting='trace' reweights the retain loss: set retain_loss to nll or kl.")
         check_max_length(self.max_length)
         self._validate_ranges()
+        self._validate_grip()
+
+    def _validate_grip(self) -> None:
+        """GRIP's settings; a constraint with nothing to constrain is refused, not ignored (as a frozen anchor)."""
+        if not 0 < self.grip_rank_cutoff < 1:  # NaN fails too
+            raise MoEUnlearnError(
+                f"grip_rank_cutoff={self.grip_rank_cutoff} must lie in (0, 1): it is the share ε of the retain router "
+                f"inputs' energy left in GRIP's null space (default 1e-2; smaller protects retain routing more).")
+        if not (0 <= self.grip_ridge < float("inf")):
+            raise MoEUnlearnError(f"grip_ridge={self.grip_ridge} must be a finite number >= 0 (0: no ridge).")
+        if self.router_constraint == "grip" and not self.train_router:
+            raise MoEUnlearnError(
+                "router_constraint='grip' constrains the routers' updates, but train_router=False freezes them: there "
+                "is nothing to constrain. Set train_router=True, or router_constraint='none'.")
 
     def _validate_ranges(self) -> None:
         """Numbers out of range that ``TrainingArguments`` lets through (it refuses a few, e.g. warmup_steps < 0)."""
@@ -312,10 +370,17 @@ class MoEUnlearnConfig(TrainingArguments):
         if self.adapter == "lora" and not self.lora_alpha > 0:
             raise MoEUnlearnError(f"lora_alpha={self.lora_alpha} must be > 0: LoRA scales its update by "
                                   f"lora_alpha/lora_r, so 0 would train nothing.")
-        for name in ("npo_beta", "simnpo_beta", "idk_dpo_beta", "trace_w_max"):
+        for name in ("npo_beta", "simnpo_beta", "idk_dpo_beta", "dpo_beta", "undial_beta", "trace_w_max"):
             value = getattr(self, name)
             if not value > 0:
                 raise MoEUnlearnError(f"{name}={value} must be > 0.")
+        for name in ("wga_beta", "satimp_beta1", "satimp_beta2"):  # exponents of a token weight; 0 drops the factor
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise MoEUnlearnError(f"{name}={value} must be a finite number >= 0 (an exponent of a token weight).")
+        if self.ceu_ignore_first_n_answer_tokens < 0:
+            raise MoEUnlearnError(f"ceu_ignore_first_n_answer_tokens={self.ceu_ignore_first_n_answer_tokens} must be "
+                                  f">= 0 (CE-U's first answer tokens of each example left out of the loss).")
         if self.forget_loss_bound is not None and not self.forget_loss_bound > 0:
             raise MoEUnlearnError(f"forget_loss_bound={self.forget_loss_bound} must be > 0, or None for no bound.")
         if self.max_param_norm_growth is not None and not self.max_param_norm_growth > 1:

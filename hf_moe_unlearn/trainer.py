@@ -41,6 +41,7 @@ from .moe.layers import clean_module_name, decoder_layers, find_moe_layers, para
 from .probe import HOLDOUT, PROBE, RETAIN, StopWhenForgottenCallback, first_logged, fixed_sample, nll_sums
 from .reference_cache import EXAMPLE_INDEX, ReferenceCache
 from .routing import ExpertSelection, RouterRecorder, attribute_experts, select_seuf, select_trace, trace_scores
+from .routing.grip import check_router_constraint, setup_grip
 from . import saving
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ class MoEUnlearnTrainer(Trainer):
         model: a transformers MoE causal LM (or an already wrapped expert PEFT model).
         args: :class:`MoEUnlearnConfig`.
         forget_dataset, retain_dataset: ``datasets.Dataset`` (``text`` column or prompt/answer columns; an
-            ``idk`` column for the ``idk_nll``/``idk_dpo`` losses) or lists of texts.
+            ``idk`` column for the ``idk_nll``/``idk_dpo`` losses, an ``alternate`` column for ``dpo``) or lists of
+            texts.
         processing_class: the tokenizer.
         selection: an :class:`ExpertSelection`, a ``{layer: [experts]}`` mapping or a path; default: from
             ``args.selection`` or computed with ``args.selection_method``.
@@ -136,6 +138,7 @@ class MoEUnlearnTrainer(Trainer):
         find_moe_layers(model)  # a dense model fails here, before anything else
         self._resolve_losses(args, retain_dataset)
         self._check_probe_args(args, holdout_dataset, retain_dataset, kwargs)
+        check_router_constraint(args, retain_dataset)
         if processing_class is not None and processing_class.pad_token_id is None:
             processing_class.pad_token = processing_class.eos_token
         forget = tokenize_dataset(forget_dataset, processing_class, args.max_length, name="forget set")
@@ -148,6 +151,11 @@ class MoEUnlearnTrainer(Trainer):
             raise MoEUnlearnError(
                 f"forget loss '{args.forget_loss}' needs 'I don't know' answers: give the forget set prompt/answer "
                 f"columns and an 'idk' column."
+            )
+        if "alternate" in self.loss_requirements and "alternate_input_ids" not in forget.column_names:
+            raise MoEUnlearnError(
+                f"forget loss '{args.forget_loss}' needs an alternate answer per forget example: give the forget set "
+                f"prompt/answer columns and an 'alternate' column (the answer to prefer over the true one)."
             )
         base = unwrap_model(model)
         self._embedding_rows = int(base.get_input_embeddings().weight.shape[0])
@@ -189,6 +197,8 @@ class MoEUnlearnTrainer(Trainer):
 
         self.add_callback(TrainingHealthGuard(self))  # non-finite / vanished gradients, exploding adapter: stop
         self.recorder = RouterRecorder(self.model, layers=self.selection.layers, accumulate=False, keep_current=True)
+        # GRIP: the retain set's router inputs, collected once on the start model; projects after each optimizer step
+        self.grip = setup_grip(self) if args.router_constraint == "grip" else None
         self._needs_hidden = "hidden" in self.loss_requirements
         self._layers_path, self._decoder_layers = decoder_layers(self.model)
         self._rmu_layer = args.rmu_layer if args.rmu_layer is not None else max(self.selection.layers)
@@ -232,7 +242,7 @@ class MoEUnlearnTrainer(Trainer):
         for name, data in sets.items():
             if data is None or len(data) == 0:
                 continue
-            for column in ("input_ids", "idk_input_ids"):
+            for column in ("input_ids", "idk_input_ids", "alternate_input_ids"):
                 if column not in data.column_names:
                     continue
                 top = pc.max(pc.list_flatten(data.with_format("arrow")[column])).as_py()
@@ -367,6 +377,8 @@ class MoEUnlearnTrainer(Trainer):
             parts.append("SEUF")
         if args.retain_weighting == "trace":
             parts.append("TRACE")
+        if args.router_constraint == "grip":
+            parts.append("GRIP")
         return " + ".join(parts)
 
     @staticmethod
@@ -513,8 +525,8 @@ class MoEUnlearnTrainer(Trainer):
         hidden_cache: dict[str, torch.Tensor] = {}
 
         def run(split: str) -> None:
-            if split == "idk":
-                input_ids, attention_mask = forget["idk_input_ids"], forget["idk_attention_mask"]
+            if split in ("idk", "alternate"):  # the forget batch's other answers (data.text.OTHER_ANSWER_COLUMNS)
+                input_ids, attention_mask = forget[f"{split}_input_ids"], forget[f"{split}_attention_mask"]
             else:
                 batch = forget if split == "forget" else retain
                 input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -562,14 +574,15 @@ class MoEUnlearnTrainer(Trainer):
             return self._reference_cache
 
         def sequence_nll(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-            if split == "idk" and "idk_labels" not in forget:
-                raise MoEUnlearnError("The reference's NLL of the IDK answers needs a forget set with an 'idk' "
-                                      "column (prompt/answer/idk examples).")
+            if split in ("idk", "alternate") and f"{split}_labels" not in forget:
+                raise MoEUnlearnError(f"The reference's NLL of the {split} answers needs a forget set with an "
+                                      f"'{split}' column (prompt/answer/{split} examples).")
             if split == "retain" and retain is None:
                 raise MoEUnlearnError("The reference's NLL of the retain batch needs a retain dataset.")
-            if split not in ("forget", "idk", "retain"):
-                raise MoEUnlearnError(f"Unknown split {split!r}: use 'forget', 'retain' or 'idk'.")
-            labels = forget["idk_labels"] if split == "idk" else (forget if split == "forget" else retain)["labels"]
+            if split not in ("forget", "idk", "alternate", "retain"):
+                raise MoEUnlearnError(f"Unknown split {split!r}: use 'forget', 'retain', 'idk' or 'alternate'.")
+            labels = (forget[f"{split}_labels"] if split in ("idk", "alternate")
+                      else (forget if split == "forget" else retain)["labels"])
 
             def compute() -> tuple[torch.Tensor, torch.Tensor]:
                 with torch.no_grad():  # exactly what the losses computed at every step before the cache
@@ -599,6 +612,7 @@ class MoEUnlearnTrainer(Trainer):
             forget_batch=forget, retain_batch=retain, forget_logits=forget_logits, retain_logits=retain_logits,
             config=args, reference_logits=reference, reference_nll=reference_nll,
             idk_logits=self._idk_provider(model, forget),
+            alternate_logits=self._idk_provider(model, forget, "alternate"),
             hidden_states=hidden if self._needs_hidden else None,
             router_logits=router_logits, selected_experts=self.selection.experts,
             score_fn={l: self.moe_layers[l].score_fn for l in self.selection.layers}, forget_topk=forget_topk,
@@ -621,16 +635,18 @@ class MoEUnlearnTrainer(Trainer):
             self._metrics["anchor_loss"].append(anchor.detach())
         self._log_routing(ctx, forget, forget_topk)
         self._captured_hidden.clear()  # the autograd graph keeps what backward needs
+        self._log_retain_stability(model, ctx)
         return (loss, {"logits": forget_logits}) if return_outputs else loss
 
-    def _idk_provider(self, model, forget):
-        if "idk_input_ids" not in forget:
+    def _idk_provider(self, model, forget, answer: str = "idk"):
+        """The model's logits (with grad) on the forget batch's other answer ``answer`` ("idk" or "alternate")."""
+        if f"{answer}_input_ids" not in forget:
             return None
 
         def idk_logits() -> torch.Tensor:
             self.recorder.enabled = False
             try:
-                return model(input_ids=forget["idk_input_ids"], attention_mask=forget["idk_attention_mask"],
+                return model(input_ids=forget[f"{answer}_input_ids"], attention_mask=forget[f"{answer}_attention_mask"],
                              use_cache=False).logits
             finally:
                 self.recorder.enabled = True
@@ -676,6 +692,38 @@ class MoEUnlearnTrainer(Trainer):
                     weight = retain_mask.sum()
                 for (layer, e), share in shares.items():
                     self._metrics[f"route/L{layer}E{e}/retain"].append(torch.stack([share * weight, weight]))
+
+    def _log_retain_stability(self, model, ctx: LossContext) -> None:
+        """``route/L{l}/retain_topk_stable`` (and ``route/retain_topk_stable`` over the selected layers): the share of
+        the retain batch's counted tokens whose top-k set is still the start model's. The start routing needs one
+        no-grad forward of the retain batch with the adapter disabled, so it runs at the steps that log only (every
+        step with ``logging_strategy="epoch"``; never with ``"no"``)."""
+        if ctx.retain_topk is None or ctx.retain_batch is None or not hasattr(unwrap_peft(model), "disable_adapter"):
+            return
+        args, step = self.args, self.state.global_step + 1  # the step being computed; global_step counts done ones
+        if args.logging_strategy == IntervalStrategy.NO or (args.logging_strategy == IntervalStrategy.STEPS and not (
+                step % max(1, int(self.state.logging_steps or 1)) == 0 or (args.logging_first_step and step == 1))):
+            return
+        from .evaluation.routing import same_topk
+
+        retain = ctx.retain_batch
+        saved = dict(self.recorder.current_indices), dict(self.recorder.current_logits)
+        try:
+            with inference_mode(model), unwrap_peft(model).disable_adapter():
+                model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"], use_cache=False)
+            start = {l: self.recorder.current_indices[l] for l in self.selection.layers}
+        finally:
+            self.recorder.current_indices, self.recorder.current_logits = saved
+            self._captured_hidden.clear()
+        with torch.no_grad():
+            mask = counted_mask(retain).reshape(-1).float()
+            total = torch.zeros(2, device=mask.device)
+            for layer in self.selection.layers:
+                same = (same_topk(ctx.retain_topk[layer], start[layer]).float() * mask).sum()
+                term = torch.stack([same, mask.sum()])
+                self._metrics[f"route/L{layer}/retain_topk_stable"].append(term)
+                total = total + term
+            self._metrics["route/retain_topk_stable"].append(total)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the loss parts and routing shares since the last log, over the steps and over processes (one sync,

@@ -2,8 +2,10 @@
 
 Two shapes of example are understood, as in TRL: plain documents (a ``text`` column) where every token is
 trained on, and question/answer pairs (``prompt``/``question`` + ``answer``/``completion``) where only answer
-tokens carry labels. An optional ``idk`` column (an "I don't know"-style answer) is tokenised too, for the
-``idk_nll``/``idk_dpo`` forget losses.
+tokens carry labels. Optional other answers to the same prompt are tokenised too, each with the prompt and its own
+labels: an ``idk`` column (an "I don't know"-style answer, for the ``idk_nll``/``idk_dpo`` forget losses) into
+``idk_input_ids``/``idk_attention_mask``/``idk_labels``, an ``alternate`` column (an answer to prefer over the true
+one, for the ``dpo`` forget loss) into ``alternate_*``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from ..errors import MoEUnlearnError
 PROMPT_COLUMNS = ("prompt", "question")
 ANSWER_COLUMNS = ("answer", "completion", "response")
 IDK_COLUMN = "idk"
+ALTERNATE_COLUMN = "alternate"
+#: Other answers to a prompt/answer example's prompt, each tokenised like the answer into ``{column}_input_ids`` etc.
+OTHER_ANSWER_COLUMNS = (IDK_COLUMN, ALTERNATE_COLUMN)
 #: Shortest ``max_length`` that can leave a label after the causal shift (a label on the first token is never a
 #: target: nothing precedes it).
 MIN_MAX_LENGTH = 2
@@ -189,7 +194,8 @@ def check_rows(rows: Sequence[Any], where: str, label=_example_label) -> None:
 def check_columns(columns: dict[str, Sequence[Any]], where: str, label=_example_label) -> None:
     """Refuse values training cannot use, naming the first bad one: ``text`` must be a string in every example;
     a prompt/answer pair needs a string prompt (answers may be missing: :func:`check_answers` refuses those with
-    its own message) and string answers/``idk``; ``input_ids``/``labels`` lists of integers of the same length."""
+    its own message) and string answers/``idk``/``alternate``; ``input_ids``/``labels`` lists of integers of the same
+    length."""
     fmt = example_format(list(columns), where)
     size = len(next(iter(columns.values()), []))
 
@@ -213,7 +219,7 @@ def check_columns(columns: dict[str, Sequence[Any]], where: str, label=_example_
             if not isinstance(value, str):
                 fail(index, prompts[0] if value is None else prompts[values.index(value)], value,
                      f"a string prompt ({'/'.join(prompts)})")
-        for column in [c for c in ANSWER_COLUMNS if c in columns] + [IDK_COLUMN] * (IDK_COLUMN in columns):
+        for column in [c for c in (*ANSWER_COLUMNS, *OTHER_ANSWER_COLUMNS) if c in columns]:
             for index, value in enumerate(columns[column]):
                 if value is not None and not isinstance(value, str):
                     fail(index, column, value, f"a string (or nothing) in '{column}'")
@@ -258,7 +264,7 @@ def check_examples(dataset, name: str = "dataset", path: str | None = None, labe
     where = f"the {name} file {path}" if path else f"the {name}"
     columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0])
     example_format(columns, where)
-    needed = [c for c in ("text", "input_ids", "labels", IDK_COLUMN, *PROMPT_COLUMNS, *ANSWER_COLUMNS)
+    needed = [c for c in ("text", "input_ids", "labels", *OTHER_ANSWER_COLUMNS, *PROMPT_COLUMNS, *ANSWER_COLUMNS)
               if c in columns]
     if "input_ids" in needed and _integer_lists(dataset, needed):
         return  # the Arrow types already say so; the lengths of labels are checked by _integer_lists
@@ -335,9 +341,10 @@ def encode_example(example: dict[str, Any], tokenizer, max_length: int) -> dict[
     else:
         prompt = _first(example, PROMPT_COLUMNS)
         out = _encode_pair(tokenizer, prompt, _first(example, ANSWER_COLUMNS), max_length)
-        if example.get(IDK_COLUMN):
-            idk = _encode_pair(tokenizer, prompt, example[IDK_COLUMN], max_length)
-            out.update({f"idk_{k}": v for k, v in idk.items()})
+        for column in OTHER_ANSWER_COLUMNS:
+            if example.get(column):
+                other = _encode_pair(tokenizer, prompt, example[column], max_length)
+                out.update({f"{column}_{k}": v for k, v in other.items()})
     return out
 
 
@@ -380,6 +387,17 @@ def check_answers(dataset, name: str = "dataset") -> None:
             f"{empty[0]}): only the end-of-text token would carry a label, so the loss would train on that token "
             f"alone. Fill in the answer column ({'/'.join(columns)}) or drop those examples."
         )
+    # An idk/alternate column is all or nothing: a batch pairs every forget example with its own other answer (and a
+    # column missing from some rows would silently vanish in the tokenised set).
+    for column in [c for c in OTHER_ANSWER_COLUMNS if c in dataset.column_names]:
+        missing = [i for i, v in enumerate(dataset[column]) if v is None or (isinstance(v, str) and not v.strip())]
+        if missing:
+            verb = "has" if len(missing) == 1 else "have"
+            raise MoEUnlearnError(
+                f"{len(missing)} of the {len(dataset)} examples of the {name} {verb} no '{column}' answer (the first: "
+                f"example {missing[0]}): the losses that read it pair every example with its own. Fill it in for "
+                f"every example, or drop the '{column}' column."
+            )
 
 
 def tokenize_dataset(dataset, tokenizer, max_length: int = 512, name: str = "dataset"):
@@ -419,8 +437,8 @@ def tokenize_dataset(dataset, tokenizer, max_length: int = 512, name: str = "dat
 class PaddingCollator:
     """Pads every ``*input_ids``/``*attention_mask``/``*labels`` key of a batch to its longest row (right
     padding; labels padded with -100). Written by hand because transformers' collators pad only the standard
-    keys, and forget batches carry ``idk_*`` copies too. An ``example_index`` column (the trainer's key of its
-    reference cache) becomes a ``[B]`` tensor."""
+    keys, and forget batches carry ``idk_*``/``alternate_*`` copies too. An ``example_index`` column (the trainer's key
+    of its reference cache) becomes a ``[B]`` tensor."""
 
     INDEX_KEY = "example_index"
 

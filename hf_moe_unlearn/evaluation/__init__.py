@@ -1,9 +1,12 @@
 """Evaluation: the unlearning metrics of WMDP, MUSE and TOFU, a metric registry, and result reports.
 
 Importing this package registers every metric (``list_metrics()`` shows them). All metrics share the
-scoring and generation code of :mod:`.scoring`.
+scoring and generation code of :mod:`.scoring`. :func:`evaluate_model` (``hf-moe-unlearn evaluate``) runs whole
+benchmarks: WMDP and MMLU through lm-evaluation-harness (imported only then), MUSE, TOFU and routing with these metrics.
 """
 
+from .harness import KNOWN_TASKS, evaluate_model, write_model_card_results
+from .attacks import edited_experts, expert_masking, mask_experts, restore_routing, routing_restore
 from .mcq import mcq_accuracy
 from .memorization import (
     exact_memorization,
@@ -30,7 +33,7 @@ from .prompts import chat_prompts, choices_prompt, knowmem_prompt, letters_promp
 from .registry import get_metric, list_metrics, register_metric
 from .report import plot_tradeoff, results_table
 from .rouge import rouge_l
-from .routing import routing_diagnostics
+from .routing import routing_diagnostics, routing_stability, same_topk
 from .scoring import generate_greedy, inference_mode, score_continuations, score_texts
 from .tofu import (
     aggregate_truth_ratios,
@@ -43,11 +46,15 @@ from .tofu import (
 )
 
 __all__ = [
+    "KNOWN_TASKS",
     "MUSE_PUBLISHED_RETRAIN_AUC",
     "aggregate_truth_ratios",
     "answer_probability",
     "chat_prompts",
+    "edited_experts",
+    "expert_masking",
     "choices_prompt",
+    "evaluate_model",
     "exact_memorization",
     "exact_memorization_from_ids",
     "extraction_strength",
@@ -60,6 +67,7 @@ __all__ = [
     "knowmem_prompt",
     "letters_prompt",
     "list_metrics",
+    "mask_experts",
     "loss_score",
     "mcq_accuracy",
     "mia",
@@ -75,13 +83,18 @@ __all__ = [
     "privleak",
     "qa_rouge",
     "register_metric",
+    "restore_routing",
     "results_table",
     "rouge_l",
     "routing_diagnostics",
+    "routing_restore",
+    "routing_stability",
+    "same_topk",
     "score_continuations",
     "score_texts",
     "truth_ratio",
     "truth_ratio_from_nll",
     "verbmem",
+    "write_model_card_results",
     "zlib_score",
 ]

@@ -3,7 +3,8 @@
 ``get_loss("npo", kind="forget")(ctx)`` computes a registered loss on a :class:`LossContext`;
 ``@register_loss(name, kind=...)`` adds your own. The math lives in :mod:`.functional` as pure tensor
 functions; importing this package registers the built-ins (:mod:`.builtin`): forget ``ga``, ``npo``,
-``simnpo``, ``rmu``, ``idk_nll``, ``idk_dpo``; retain ``nll``, ``kl``, ``rmu_retain``; router ``seuf_anchor``;
+``simnpo``, ``rmu``, ``idk_nll``, ``idk_dpo``, ``dpo``, ``undial``, ``wga``, ``satimp``, ``ceu``; retain ``nll``,
+``kl``, ``rmu_retain``; router ``seuf_anchor``;
 weighting ``trace``.
 """
 
@@ -13,7 +14,9 @@ from .builtin import trace_retain_shares
 from .context import LOSS_DEFAULTS, REQUIREMENTS, LossContext
 from .functional import (
     IGNORE_INDEX,
+    ceu_loss,
     dpo_loss,
+    drop_first_answer_tokens,
     ga_loss,
     kl_loss,
     nll_loss,
@@ -24,12 +27,15 @@ from .functional import (
     rmu_retain_loss,
     router_scores,
     routing_share,
+    satimp_loss,
     sequence_nll,
     seuf_anchor_loss,
     simnpo_loss,
     token_nll,
     topk_masked_scores,
     trace_token_weights,
+    undial_loss,
+    wga_loss,
 )
 from .registry import (
     LOSS_KINDS,
@@ -52,7 +58,9 @@ __all__ = [
     "LossContext",
     "LossSpec",
     "RegisteredLoss",
+    "ceu_loss",
     "dpo_loss",
+    "drop_first_answer_tokens",
     "functional",
     "ga_loss",
     "get_loss",
@@ -68,6 +76,7 @@ __all__ = [
     "rmu_retain_loss",
     "router_scores",
     "routing_share",
+    "satimp_loss",
     "sequence_nll",
     "seuf_anchor_loss",
     "simnpo_loss",
@@ -75,5 +84,7 @@ __all__ = [
     "topk_masked_scores",
     "trace_retain_shares",
     "trace_token_weights",
+    "undial_loss",
     "unregister_loss",
+    "wga_loss",
 ]

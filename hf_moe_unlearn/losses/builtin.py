@@ -1,7 +1,8 @@
 """The built-in losses, registered by name. Each is a few lines over :mod:`.functional`.
 
 forget:    ga, npo (reference: sequence NLLs), simnpo, rmu (hidden), idk_nll (IDK answers), idk_dpo (reference:
-           sequence NLLs, + IDK answers)
+           sequence NLLs, + IDK answers), dpo (reference: sequence NLLs, + alternate answers), undial (reference: token
+           logits), wga, satimp, ceu
 retain:    nll, kl (reference: token logits), rmu_retain (hidden, the reference's too); ``none`` is handled by the
            trainer
 
@@ -82,6 +83,53 @@ def idk_dpo(ctx: LossContext) -> torch.Tensor:
     lose_ref_nll, _ = ctx.reference_sequence_nll("forget")
     win_ref_nll, _ = ctx.reference_sequence_nll("idk")
     return LF.dpo_loss(win_nll, win_ref_nll, lose_nll, lose_ref_nll, float(ctx.setting("idk_dpo_beta")))
+
+
+@register_loss("dpo", kind="forget", requires=("forget_logits", "reference", "alternate"), reference="sequence")
+def dpo(ctx: LossContext) -> torch.Tensor:
+    """DPO with alternate answers (OpenUnlearning's ``DPO``, ``src/trainer/unlearn/dpo.py``): the forget example's
+    alternate answer (the ``alternate`` column) preferred, its true answer rejected, against the frozen reference.
+
+    β = ``config.dpo_beta`` (0.1, ``configs/trainer/DPO.yaml``). The same maths as ``idk_dpo`` on another preferred
+    answer, as in OpenUnlearning, where IdkDPO is this trainer fed IDK answers (``QAwithIdkDataset``) and AltPO feeds
+    it model-written alternate answers (``QAwithAlternateDataset``, ``alternate_key``). Reference NLLs cacheable.
+    """
+    labels, alternate_labels = ctx.forget_batch["labels"], ctx.forget_batch["alternate_labels"]
+    lose_nll, _ = LF.sequence_nll(ctx.forget_logits, labels)
+    win_nll, _ = LF.sequence_nll(ctx.alternate_logits(), alternate_labels)
+    lose_ref_nll, _ = ctx.reference_sequence_nll("forget")
+    win_ref_nll, _ = ctx.reference_sequence_nll("alternate")
+    return LF.dpo_loss(win_nll, win_ref_nll, lose_nll, lose_ref_nll, float(ctx.setting("dpo_beta")))
+
+
+@register_loss("undial", kind="forget", requires=("forget_logits", "reference"), reference="logits")
+def undial(ctx: LossContext) -> torch.Tensor:
+    """UNDIAL: self-distillation towards the reference's logits with the forget token's lowered by
+    ``config.undial_beta`` (reads token-level reference logits: a reference forward every step, not cacheable)."""
+    with torch.no_grad():
+        ref_logits = ctx.reference_logits("forget")
+    return LF.undial_loss(ctx.forget_logits, ref_logits, ctx.forget_batch["labels"], float(ctx.setting("undial_beta")))
+
+
+@register_loss("wga", kind="forget", requires=("forget_logits",))
+def wga(ctx: LossContext) -> torch.Tensor:
+    """Weighted gradient ascent: GA with each token weighted by p^β, β = ``config.wga_beta`` (no reference)."""
+    return LF.wga_loss(ctx.forget_logits, ctx.forget_batch["labels"], float(ctx.setting("wga_beta")))
+
+
+@register_loss("satimp", kind="forget", requires=("forget_logits",))
+def satimp(ctx: LossContext) -> torch.Tensor:
+    """SatImp: GA with token weights p^β1·(1−p)^β2 (``config.satimp_beta1`` / ``satimp_beta2``; no reference)."""
+    return LF.satimp_loss(ctx.forget_logits, ctx.forget_batch["labels"], float(ctx.setting("satimp_beta1")),
+                          float(ctx.setting("satimp_beta2")))
+
+
+@register_loss("ceu", kind="forget", requires=("forget_logits",))
+def ceu(ctx: LossContext) -> torch.Tensor:
+    """CE-U: cross-entropy to the model's own detached distribution with the forget token removed, the first
+    ``config.ceu_ignore_first_n_answer_tokens`` answer tokens left out (no reference)."""
+    return LF.ceu_loss(ctx.forget_logits, ctx.forget_batch["labels"],
+                       ctx.setting("ceu_ignore_first_n_answer_tokens"))
 
 
 # ------------------------------------------------------------------------------------------- retain

@@ -24,6 +24,12 @@ from .functional import IGNORE_INDEX
 LOSS_DEFAULTS: dict[str, Any] = {
     "npo_beta": 0.1,  # NPO inverse temperature β
     "idk_dpo_beta": 0.1,  # IdkDPO β (OpenUnlearning's IdkDPO default)
+    "dpo_beta": 0.1,  # DPO with alternate answers: β (OpenUnlearning configs/trainer/DPO.yaml)
+    "undial_beta": 10.0,  # UNDIAL strength β on the forget token's logit (OpenUnlearning configs/trainer/UNDIAL.yaml)
+    "wga_beta": 1.0,  # WGA exponent β of p (OpenUnlearning configs/trainer/WGA.yaml)
+    "satimp_beta1": 5.0,  # SatImp exponent β1 of p (saturation; OpenUnlearning configs/trainer/SatImp.yaml)
+    "satimp_beta2": 1.0,  # SatImp exponent β2 of 1 − p (importance; same file)
+    "ceu_ignore_first_n_answer_tokens": 1,  # CE-U: first answer tokens left out (OpenUnlearning trainer/CEU.yaml)
     "simnpo_beta": 4.5,  # SimNPO β (MUSE/WMDP; TOFU uses 2.5)
     "simnpo_delta": 0.0,  # SimNPO margin δ (OpenUnlearning convention; paper's γ = β·δ)
     "rmu_steering_coeff": 6.5,  # RMU c (WMDP code default for 7B models; 6.5–20 in use)
@@ -40,8 +46,8 @@ _REQUIREMENT_HELP: dict[str, tuple[str, str]] = {
         "a reference model",
         "the trainer provides `reference_logits` only when the run has a frozen reference model (the starting "
         "model; with LoRA the base model with adapters disabled). Enable it, or pick a loss without one "
-        "(forget: ga, simnpo, rmu, idk_nll; retain: nll). 'idk_dpo' also needs the reference on the IDK inputs, "
-        "`reference_logits('idk')`.",
+        "(forget: ga, simnpo, rmu, idk_nll, wga, satimp, ceu; retain: nll). 'idk_dpo' / 'dpo' also need the reference "
+        "on the IDK / alternate inputs, `reference_logits('idk')` / `reference_logits('alternate')`.",
     ),
     "hidden": (
         "hidden states at the RMU layer",
@@ -51,6 +57,12 @@ _REQUIREMENT_HELP: dict[str, tuple[str, str]] = {
         "'I don't know' answers",
         "the forget batch needs `idk_input_ids`/`idk_attention_mask`/`idk_labels` (a forget dataset with "
         "prompt/answer columns and an `idk` answer column) and the trainer must provide `idk_logits`.",
+    ),
+    "alternate": (
+        "an alternate answer per forget example",
+        "the forget batch needs `alternate_input_ids`/`alternate_attention_mask`/`alternate_labels` (a forget dataset "
+        "with prompt/answer columns and an `alternate` column: the answer to prefer over the true one, e.g. TOFU's "
+        "`paraphrased_answer`, a perturbed answer, or an IDK answer) and the trainer must provide `alternate_logits`.",
     ),
     "router_logits": (
         "live router logits of the selected layers",
@@ -91,14 +103,18 @@ class LossContext:
 
     Lazy providers (``None`` when the run lacks them; the trainer caches their results per step):
         reference_logits: ``split -> logits`` of the frozen reference model, computed without grad, on
-            ``"forget"`` (the forget batch), ``"retain"`` (the retain batch) or ``"idk"`` (the forget batch's IDK
-            inputs ``idk_input_ids``/``idk_attention_mask``; needed by ``idk_dpo``).
+            ``"forget"`` (the forget batch), ``"retain"`` (the retain batch), ``"idk"`` (the forget batch's IDK
+            inputs ``idk_input_ids``/``idk_attention_mask``; needed by ``idk_dpo``) or ``"alternate"`` (its
+            alternate-answer inputs; needed by ``dpo``).
         reference_nll: ``split -> (nll_sum [B], n_tokens [B])``, the frozen reference's summed NLL of each sequence
             of that split (no grad). The trainer serves it from its per-example cache; ``None`` = computed from
             ``reference_logits``. Losses read it through :meth:`reference_sequence_nll`, never directly.
         hidden_states: ``(split, reference) -> [B, T, H]`` hidden states at the RMU layer, of the model
             (with grad) or of the reference (``reference=True``, no grad).
         idk_logits: ``() -> logits`` of the model being unlearned (with grad) on the IDK inputs.
+        alternate_logits: ``() -> logits`` of the model being unlearned (with grad) on the alternate-answer inputs
+            (``alternate_input_ids``/``alternate_attention_mask``; needed by ``dpo``); the reference's on them is
+            ``reference_logits("alternate")`` / ``reference_sequence_nll("alternate")``.
 
     MoE routing:
         router_logits: layer -> live ``[N, E]`` router logits of the forget forward (N = B·T, row-major,
@@ -134,6 +150,7 @@ class LossContext:
     reference_nll: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None
     hidden_states: Callable[[str, bool], torch.Tensor] | None = None
     idk_logits: Callable[[], torch.Tensor] | None = None
+    alternate_logits: Callable[[], torch.Tensor] | None = None
     router_logits: dict[int, torch.Tensor] | None = None
     forget_topk: dict[int, torch.Tensor] | None = None
     selected_experts: dict[int, list[int]] = field(default_factory=dict)
@@ -162,6 +179,8 @@ class LossContext:
             return self.hidden_states is not None
         if requirement == "idk":
             return self.idk_logits is not None and "idk_labels" in self.forget_batch
+        if requirement == "alternate":
+            return self.alternate_logits is not None and "alternate_labels" in self.forget_batch
         if requirement == "router_logits":
             return bool(self.router_logits) and bool(self.selected_experts)
         if requirement == "retain_routing":
@@ -189,17 +208,22 @@ class LossContext:
 
     # ------------------------------------------------------------------------------------- reference
     def split_labels(self, split: str) -> torch.Tensor:
-        """The unshifted labels of ``split``: ``"forget"``, ``"retain"`` or ``"idk"`` (the forget batch's IDK answers)."""
+        """The unshifted labels of ``split``: ``"forget"``, ``"retain"``, ``"idk"`` or ``"alternate"`` (the forget
+        batch's IDK / alternate answers)."""
         if split == "forget":
             return self.forget_batch["labels"]
         if split == "idk":
             if "idk_labels" not in self.forget_batch:
                 self.require("idk")  # raises, saying where IDK answers come from
             return self.forget_batch["idk_labels"]
+        if split == "alternate":
+            if "alternate_labels" not in self.forget_batch:
+                self.require("alternate")  # raises, saying where alternate answers come from
+            return self.forget_batch["alternate_labels"]
         if split == "retain":
             self.require("retain_batch")
             return self.retain_batch["labels"]
-        raise MoEUnlearnError(f"Unknown split {split!r}: use 'forget', 'retain' or 'idk'.")
+        raise MoEUnlearnError(f"Unknown split {split!r}: use 'forget', 'retain', 'idk' or 'alternate'.")
 
     def reference_sequence_nll(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen reference's ``(summed NLL ℓref(x) [B], counted tokens |x| [B])`` of each sequence of ``split``.

@@ -40,6 +40,11 @@ __all__ = [
     "npo_loss",
     "simnpo_loss",
     "dpo_loss",
+    "wga_loss",
+    "satimp_loss",
+    "undial_loss",
+    "ceu_loss",
+    "drop_first_answer_tokens",
     "nll_loss",
     "kl_loss",
     "rmu_forget_loss",
@@ -215,11 +220,157 @@ def dpo_loss(
     if len(set(shapes)) != 1 or len(shapes[0]) != 1:
         raise MoEUnlearnError(
             f"dpo_loss needs four [B] tensors (one summed NLL per sequence of the same batch: win, win_ref, lose, "
-            f"lose_ref), got shapes {shapes}. Pair each forget example with its own IDK answer."
+            f"lose_ref), got shapes {shapes}. Pair each forget example with its own IDK / alternate answer."
         )
     win_log_ratio = -(win_nll_sum.float() - win_ref_nll_sum.detach().float())
     lose_log_ratio = -(lose_nll_sum.float() - lose_ref_nll_sum.detach().float())
     return -(2.0 / beta) * F.logsigmoid(beta * (win_log_ratio - lose_log_ratio)).mean()
+
+
+def _check_exponent(value: float, name: str) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise MoEUnlearnError(f"{name} must be a finite number >= 0, got {value!r}.")
+
+
+def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """Weighted gradient ascent (WGA; Wang et al. 2025, "Rethinking LLM Unlearning Objectives: A Gradient
+    Perspective and Go Beyond", ICLR 2025): gradient ascent with each forget token weighted by its own probability.
+
+    ``L = −mean_{counted t} w_t · nll_t`` with ``w_t = pθ(y_t | y_<t)^β`` **detached** (``nll_t = −log pθ(y_t|…)``).
+    Tokens the model has already pushed to low probability get a small weight, so the ascent stops spending itself
+    on them (GA's pull on a token's logit, 1 − p, grows as p falls; WGA's, p^β·(1 − p), fades). ``β = 0`` is GA.
+
+    Matched against OpenUnlearning ``src/trainer/utils.py`` ``compute_wga_loss`` (``weight_ce = exp(−lm_loss)
+    .detach() ** beta``; ``−(weight_ce * lm_loss)[labels != -100].mean()``): the same weights, sign and reduction
+    (mean over the batch's counted tokens); default β = 1 (``configs/trainer/WGA.yaml``).
+
+    Args:
+        logits: ``[B, T, V]`` model logits (with grad); labels: ``[B, T]`` unshifted, -100 = not counted.
+        beta: exponent β ≥ 0 of the weight.
+    """
+    _check_exponent(beta, "wga beta")
+    nll, mask = token_nll(logits, labels)
+    weight = torch.exp(-nll.detach()) ** beta
+    return -_masked_mean(weight * nll, mask)
+
+
+def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, beta1: float = 5.0, beta2: float = 1.0) -> torch.Tensor:
+    """SatImp (Yang et al. 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning", ICML 2025):
+    gradient ascent with each token weighted by its *saturation* and its *importance*.
+
+    ``L = −mean_{counted t} w_t · nll_t`` with ``w_t = p_t^β1 · (1 − p_t)^β2``, ``p_t = pθ(y_t | y_<t)``, detached.
+    ``p^β1`` (saturation, as WGA) shrinks the weight of tokens already forgotten; ``(1 − p)^β2`` (the paper's
+    importance proxy) shrinks that of tokens the model predicts with near certainty. ``β2 = 0`` is WGA, ``β1 = 0`` the
+    paper's SimImp.
+
+    Matched against OpenUnlearning ``src/trainer/utils.py`` ``compute_satimp_loss`` (``weight_sat = p ** beta1``,
+    ``weight_imp = (1 − p) ** beta2``, ``−((weight_sat * weight_imp) * lm_loss)[labels != -100].mean()``) and the
+    authors' code (tmlr-group/SatImp ``dataloader/dataloader_sat.py``, loss ``satimp``: ``hyper_param`` = β1 on p,
+    ``beta`` = β2 on 1 − p): the same weights, sign and reduction. Defaults β1 = 5, β2 = 1 (OpenUnlearning
+    ``configs/trainer/SatImp.yaml`` and ``community/methods/SatImp/README.md``).
+    """
+    _check_exponent(beta1, "satimp beta1")
+    _check_exponent(beta2, "satimp beta2")
+    nll, mask = token_nll(logits, labels)
+    p = torch.exp(-nll.detach())
+    weight = p**beta1 * (1.0 - p) ** beta2
+    return -_masked_mean(weight * nll, mask)
+
+
+def _targets_and_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted targets with -100 replaced by 0 (a valid index; those positions are masked out) and their mask."""
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    return shift_labels.masked_fill(~mask, 0), mask.float()
+
+
+def undial_loss(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float = 10.0
+) -> torch.Tensor:
+    """UNDIAL (Dong et al., "UNDIAL: Self-Distillation with Adjusted Logits for Robust Unlearning in Large Language
+    Models", NAACL 2025): distil the model towards the frozen reference's next-token distribution with the logit of
+    the forget token lowered by a fixed strength β.
+
+    ``q_t = softmax(z^ref_t − β·onehot(y_t))`` (no grad) and ``L = mean_{counted t} CE(q_t, pθ(·|y_<t))
+    = −mean Σ_v q_t[v] log pθ(v|…)``. The target is fixed (the reference never trains), so unlike GA the loss is
+    bounded below and training converges: the model moves β nats of logit away from each forget token and keeps the
+    reference's ranking of every other token. Its gradient in the logits is ``pθ − q``.
+
+    Matched against OpenUnlearning ``src/trainer/utils.py`` ``compute_undial_loss`` (and the authors' ``DITrainer``,
+    dong-river/LLM_unlearning ``utils/ft_utils.py``, ``di_strength`` = β): the same adjusted soft target and
+    cross-entropy. Differences, both deliberate: (1) we average over the *counted* positions (labels ≠ -100, i.e.
+    answer tokens of prompt/answer data, all non-padding tokens of documents); OpenUnlearning averages over every
+    position of the batch, prompt and padding included, and its ``mask[..., shift_labels] = 1`` indexes label -100 as
+    vocabulary entry V−100, so it also lowers that unrelated token's logit at every uncounted position; (2) the
+    log-softmax is taken in float32. Default β = 10 (OpenUnlearning ``configs/trainer/UNDIAL.yaml``; its README
+    suggests 3, 10 or 30).
+
+    Args:
+        logits: ``[B, T, V]`` model logits (with grad).
+        ref_logits: ``[B, T, V]`` frozen reference logits on the same batch (detached here).
+        labels: ``[B, T]`` unshifted, -100 = not counted.
+        beta: strength β > 0 subtracted from the forget token's reference logit.
+    """
+    _check_logits_labels(logits, labels)
+    if logits.shape != ref_logits.shape:
+        raise MoEUnlearnError(
+            f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} must have the same shape: run the "
+            "reference model on the same batch."
+        )
+    _check_beta(beta, "undial beta")
+    targets, mask = _targets_and_mask(labels)
+    with torch.no_grad():
+        adjusted = ref_logits[:, :-1, :].detach().float().scatter_add(
+            -1, targets.unsqueeze(-1), torch.full_like(targets, -beta, dtype=torch.float32).unsqueeze(-1)
+        )
+        soft_target = adjusted.softmax(dim=-1)
+    log_p = F.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    per_token = -(soft_target * log_p).sum(dim=-1)
+    return _masked_mean(per_token, mask)
+
+
+def drop_first_answer_tokens(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """``labels`` with the first ``n`` counted (≠ -100) positions of each row set to -100 (unshifted frame).
+
+    CE-U's "ignore the first answer tokens" (OpenUnlearning ``src/trainer/unlearn/ceu.py`` ``compute_batch_ceu``,
+    from the footnote of the CE-U paper's training settings): the first answer token is often a generic word that
+    many answers share. On documents (labels = input ids) the first counted position is token 0, which is never a
+    target, so ``n = 1`` changes nothing there — as in OpenUnlearning, which applies the same mask.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise MoEUnlearnError(f"the number of first answer tokens to ignore must be an integer >= 0, got {n!r}.")
+    if n == 0:
+        return labels
+    counted = labels != IGNORE_INDEX
+    drop = counted & (counted.long().cumsum(dim=-1) <= n)
+    return labels.masked_fill(drop, IGNORE_INDEX)
+
+
+def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n: int = 1) -> torch.Tensor:
+    """CE-U, cross-entropy unlearning (Bo Yang 2025, "CE-U: Cross Entropy Unlearning", arXiv 2503.01224).
+
+    ``q_t = softmax(z̄_t with z̄_t[y_t] = −∞)``, ``z̄`` the model's own logits **detached**, and
+    ``L = mean_{counted t} CE(q_t, pθ(·|y_<t)) = −mean Σ_{v ≠ y_t} q_t[v] log pθ(v|…)``: the model is distilled
+    towards its own distribution with the forget token removed. The gradient in the logits is ``pθ − q``: on the
+    forget token it is ``pθ(y_t) > 0`` (pushed down, with a pull that *fades* as ``pθ(y_t) → 0`` instead of GA's
+    ``1/p`` blow-up), and the other tokens keep their relative odds.
+
+    Matched against OpenUnlearning ``src/trainer/unlearn/ceu.py`` (``cross_entropy_unlearning_loss`` and
+    ``compute_batch_ceu``): the same detached target with the label's logit at −inf, ``F.cross_entropy`` with soft
+    targets, mean over the counted positions, and the first ``ignore_first_n`` answer tokens of each sequence left
+    out (:func:`drop_first_answer_tokens`; default 1, ``configs/trainer/CEU.yaml``). Log-softmax in float32 here.
+    """
+    _check_logits_labels(logits, labels)
+    labels = drop_first_answer_tokens(labels, ignore_first_n)
+    targets, mask = _targets_and_mask(labels)
+    shift_logits = logits[:, :-1, :].float()
+    with torch.no_grad():
+        removed = shift_logits.detach().scatter(-1, targets.unsqueeze(-1), float("-inf"))
+        soft_target = removed.softmax(dim=-1)
+    log_p = F.log_softmax(shift_logits, dim=-1)
+    # q is exactly 0 on the forget token: take 0·log p as 0 there even if log p is -inf (a NaN elsewhere still shows).
+    per_token = -torch.where(soft_target > 0, soft_target * log_p, torch.zeros_like(log_p)).sum(dim=-1)
+    return _masked_mean(per_token, mask)
 
 
 # ----------------------------------------------------------------------------------------- retain losses

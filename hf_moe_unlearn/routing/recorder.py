@@ -103,7 +103,9 @@ class RouterRecorder:
     Tokens are counted where ``mask`` (set with :meth:`set_mask` before each forward: attention mask times
     "has a label") is non-zero; padding is routed too and must be excluded. With ``keep_current=True`` the
     last forward's top-k indices (detached) and router logits (with grad, for SEUF's anchor loss) are exposed
-    as ``current_indices`` / ``current_logits``, keyed by layer index.
+    as ``current_indices`` / ``current_logits``, keyed by layer index. With ``keep_inputs=True`` the last forward's
+    router inputs (the hidden states the router maps to logits, detached, [N, H] or [B, T, H] as the block passes
+    them) are exposed as ``current_inputs`` (GRIP's null space is built from them, hf_moe_unlearn.routing.grip).
 
     Forward hooks run again when gradient checkpointing recomputes a layer during backward; those calls are
     ignored, so nothing is counted twice and ``current_*`` keep the values of the real forward.
@@ -116,6 +118,7 @@ class RouterRecorder:
         *,
         accumulate: bool = True,
         keep_current: bool = False,
+        keep_inputs: bool = False,
     ) -> None:
         all_layers = find_moe_layers(model)
         if layers is not None:
@@ -130,6 +133,8 @@ class RouterRecorder:
         self.layers = all_layers
         self.accumulate = accumulate
         self.keep_current = keep_current
+        self.keep_inputs = keep_inputs
+        self.current_inputs: dict[int, torch.Tensor] = {}
         self.mask: torch.Tensor | None = None
         self.enabled = True
         self.current_indices: dict[int, torch.Tensor] = {}
@@ -178,6 +183,8 @@ class RouterRecorder:
             if not self.enabled or _in_backward():
                 return
             routing = parse_router_output(output, layer)
+            if self.keep_inputs and inputs and torch.is_tensor(inputs[0]):  # every family passes it positionally
+                self.current_inputs[layer.index] = inputs[0].detach()
             if self.keep_current:
                 self.current_indices[layer.index] = routing.indices.detach()
                 self.current_logits[layer.index] = routing.logits
