@@ -359,6 +359,7 @@ BAD_DATA_FILES = [
     ("number.jsonl", TEXT_LINES + '\n{"text": 5}\n', ["line 3 has a number (5) in 'text'", "a string in 'text'"]),
     ("numbers.json", '[{"text": 5}, {"text": 6}]', ["row 0 has a number (5) in 'text'"]),
     ("null.jsonl", TEXT_LINES + '\n{"text": null}\n', ["line 3 has no 'text' value (missing or null)"]),
+    ("blank.jsonl", TEXT_LINES + '\n{"text": "  "}\n', ["line 3 has an empty 'text'"]),
     ("missing.jsonl", TEXT_LINES + '\n{"title": "w1"}\n', ["line 3 has no 'text' value (missing or null)"]),
     ("list_row.jsonl", '["w1", "w2"]\n', ["line 1 is a list, not an object"]),
     ("scalar.json", "5", ["holds a JSON int; expected a list of objects"]),
@@ -427,6 +428,7 @@ def test_attribute_refuses_bad_data_file_before_the_model(tmp_path, saved_models
 @pytest.mark.parametrize("rows,message", [
     ([{"text": "w1 w2"}, {"text": 5}], r"The forget set: example 1 has a number \(5\) in 'text'"),
     ([{"text": "w1 w2"}, {"text": None}], r"The forget set: example 1 has no 'text' value \(missing or null\)"),
+    (["w1 w2", ""], r"The forget set: example 1 has an empty 'text': only its end-of-text token"),
     ([{"text": "w1 w2"}, {"title": "w3"}], r"The forget set: example 1 has no 'text' value"),
     ([{"prompt": ["w1"], "answer": "w2"}], r"The forget set: example 0 has a list in 'prompt'"),
     (["w1 w2", 3], r"The forget set: example 1 is a number \(3\), but example 0 is a text"),

@@ -211,6 +211,11 @@ def check_columns(columns: dict[str, Sequence[Any]], where: str, label=_example_
         for index, value in enumerate(columns["text"]):
             if not isinstance(value, str):
                 fail(index, "text", value, "a string in 'text'")
+            if not value.strip():  # it would train on its end-of-text token alone, as an empty answer would
+                raise MoEUnlearnError(
+                    f"{where[0].upper()}{where[1:]}: {label(index)} has an empty 'text': only its end-of-text token "
+                    f"would carry a label. Drop the example (a .txt file skips blank lines)."
+                )
     elif fmt == "qa":
         prompts = [c for c in PROMPT_COLUMNS if c in columns]
         for index in range(size):
