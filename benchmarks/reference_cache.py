@@ -29,16 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from expert_lora_step import _at_least_one, device_name  # one definition for the step benchmarks
+# One definition for the step benchmarks: the same model sizes ("tiny", and "gpu" = the 0.49B of every GPU
+# figure), device naming and argument checks as benchmarks/expert_lora_step.py.
+from expert_lora_step import SIZES, _at_least_one, build_model, device_name
 
-SIZES = {
-    # The Qwen3-MoE of benchmarks/expert_lora_step.py's "tiny" size: 8 layers, so "layer 6 of 8" means the same.
-    "tiny": dict(config=dict(hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                             head_dim=32, vocab_size=512, intermediate_size=256, moe_intermediate_size=128,
-                             num_experts=8, num_experts_per_tok=2), batch=4, seq=128, dtype="float32"),
-    # The 0.49B Qwen3-MoE of every GPU figure (hf_moe_unlearn.moe.tiny.benchmark_qwen3_moe_config).
-    "gpu": dict(config=None, batch=8, seq=1024, dtype="bfloat16"),
-}
 SELECTION = {6: [0]}  # SEUF's default: one expert in layer 6 of 8, plus its router (anchor on)
 EXAMPLES = 16  # forget examples (and retain examples): EXAMPLES / batch steps per epoch
 
@@ -79,22 +73,6 @@ def datasets_for(setting: dict, size: str, vocab_size: int):
     answers = texts(EXAMPLES, seq - prompt_words - 1, vocab_size, seed=4)
     idk = texts(EXAMPLES, 16, vocab_size, seed=5)  # an "I don't know" answer is short
     return [{"prompt": p, "answer": a, "idk": i} for p, a, i in zip(prompts, answers, idk)], retain
-
-
-def build_model(size: str, device: torch.device):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from hf_moe_unlearn.moe.tiny import benchmark_qwen3_moe_config
-
-    spec = SIZES[size]
-    if spec["config"] is None:
-        config = benchmark_qwen3_moe_config()
-    else:
-        config = AutoConfig.for_model("qwen3_moe", **spec["config"], tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec["dtype"]))
-    return model
 
 
 @dataclass

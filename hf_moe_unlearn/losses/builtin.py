@@ -77,12 +77,7 @@ def idk_dpo(ctx: LossContext) -> torch.Tensor:
     β = ``config.idk_dpo_beta``. The reference's summed NLLs of the true and the IDK answer come from
     ``ctx.reference_sequence_nll("forget")`` / ``("idk")`` (cacheable per example).
     """
-    labels, idk_labels = ctx.forget_batch["labels"], ctx.forget_batch["idk_labels"]
-    lose_nll, _ = LF.sequence_nll(ctx.forget_logits, labels)
-    win_nll, _ = LF.sequence_nll(ctx.idk_logits(), idk_labels)
-    lose_ref_nll, _ = ctx.reference_sequence_nll("forget")
-    win_ref_nll, _ = ctx.reference_sequence_nll("idk")
-    return LF.dpo_loss(win_nll, win_ref_nll, lose_nll, lose_ref_nll, float(ctx.setting("idk_dpo_beta")))
+    return _preferred_over_forget(ctx, "idk", ctx.idk_logits(), float(ctx.setting("idk_dpo_beta")))
 
 
 @register_loss("dpo", kind="forget", requires=("forget_logits", "reference", "alternate"), reference="sequence")
@@ -94,12 +89,17 @@ def dpo(ctx: LossContext) -> torch.Tensor:
     answer, as in OpenUnlearning, where IdkDPO is this trainer fed IDK answers (``QAwithIdkDataset``) and AltPO feeds
     it model-written alternate answers (``QAwithAlternateDataset``, ``alternate_key``). Reference NLLs cacheable.
     """
-    labels, alternate_labels = ctx.forget_batch["labels"], ctx.forget_batch["alternate_labels"]
-    lose_nll, _ = LF.sequence_nll(ctx.forget_logits, labels)
-    win_nll, _ = LF.sequence_nll(ctx.alternate_logits(), alternate_labels)
+    return _preferred_over_forget(ctx, "alternate", ctx.alternate_logits(), float(ctx.setting("dpo_beta")))
+
+
+def _preferred_over_forget(ctx: LossContext, answer: str, answer_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO with the forget batch's ``answer`` column ("idk" or "alternate") preferred and its true answer rejected;
+    the reference's sequence NLLs come through ``ctx.reference_sequence_nll`` (cacheable per example)."""
+    lose_nll, _ = LF.sequence_nll(ctx.forget_logits, ctx.forget_batch["labels"])
+    win_nll, _ = LF.sequence_nll(answer_logits, ctx.forget_batch[f"{answer}_labels"])
     lose_ref_nll, _ = ctx.reference_sequence_nll("forget")
-    win_ref_nll, _ = ctx.reference_sequence_nll("alternate")
-    return LF.dpo_loss(win_nll, win_ref_nll, lose_nll, lose_ref_nll, float(ctx.setting("dpo_beta")))
+    win_ref_nll, _ = ctx.reference_sequence_nll(answer)
+    return LF.dpo_loss(win_nll, win_ref_nll, lose_nll, lose_ref_nll, beta)
 
 
 @register_loss("undial", kind="forget", requires=("forget_logits", "reference"), reference="logits")
