@@ -340,6 +340,10 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--selection", help="selection.json for the routing task (default: the adapter's selection)")
     p.add_argument("--tofu_forget_split", default="forget10", help="forget01, forget05 or forget10")
     p.add_argument("--log_samples", action="store_true", help="keep lm-eval's per-question log-likelihoods")
+    p.add_argument("--attacks", default="",
+                   help="comma-separated routing attacks to run every task under again: expert_masking (the "
+                        "adapter's edited experts removed from routing), routing_restore (the original model's "
+                        "routing forced); needs --adapter")
     p.add_argument("--model_card", action="store_true",
                    help="write the results into the adapter's README.md as Hub model-index metadata")
     p.set_defaults(func=run_evaluate)
@@ -364,6 +368,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     task_data = parse_task_data(args.task_data)
     tasks = check_tasks(args.tasks.split(","), task_data)  # before the model path, so the cheapest error comes first
+    from .evaluation.harness import check_attacks
+
+    attacks = check_attacks(args.attacks.split(","), args.adapter, tasks)
     check_model_path(args.model)
     if args.retrain_model:
         check_model_path(args.retrain_model)
@@ -371,7 +378,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                             output_dir=args.output, batch_size=args.batch_size, limit=args.limit,
                             retrain_model=args.retrain_model, selection=args.selection,
                             tofu_forget_split=args.tofu_forget_split, log_samples=args.log_samples,
-                            model_card=args.model_card)
+                            model_card=args.model_card, attacks=attacks)
     from .evaluation.harness import results_markdown
 
     print(results_markdown(report))

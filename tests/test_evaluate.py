@@ -174,6 +174,58 @@ def test_adapter_scores_are_plain_peft_scores_and_land_in_the_model_card(tiny, a
 
 
 @needs_lm_eval
+def test_tasks_under_routing_attacks(tiny, adapter, tmp_path, capsys):
+    """Every task again under each attack: the WMDP log-likelihoods equal the plain-PEFT model's scored inside the
+    attack's own context (the attacks are checked against hand computations in tests/test_attacks.py)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_moe_unlearn.evaluation.attacks import mask_experts, restore_routing
+
+    path, _, _ = tiny
+    forget, retain = tmp_path / "forget.txt", tmp_path / "retain.txt"
+    forget.write_text("\n".join(r["question"] for r in ROWS[:4]) + "\n")
+    retain.write_text("\n".join(r["question"] for r in ROWS[4:]) + "\n")
+    code = main(["evaluate", "--model", path, "--adapter", adapter, "--tasks", "wmdp_cyber,routing",
+                 "--task_data", f"wmdp_cyber={WMDP_FILE},routing_forget={forget},routing_retain={retain}",
+                 "--output", str(tmp_path / "out"), "--log_samples", "--limit", "4",
+                 "--attacks", "expert_masking,routing_restore"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), adapter).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    plain = [letter_logliks(peft, tokenizer, row) for row in ROWS[:4]]
+    for attack, context in (("expert_masking", lambda: mask_experts(peft, {0: [1], 1: [2]})),
+                            ("routing_restore", lambda: restore_routing(peft))):
+        with context():
+            expected = [letter_logliks(peft, tokenizer, row) for row in ROWS[:4]]
+        assert max(abs(a - b) for e, p in zip(expected, plain) for a, b in zip(e, p)) > 1e-4  # the attack matters
+        samples = sorted(report["attacks"][attack]["wmdp_cyber"]["samples"], key=lambda s: s["doc_id"])
+        for sample, ll in zip(samples, expected):
+            assert sample["loglikelihoods"] == pytest.approx(ll, abs=1e-4), attack
+        assert "routing diagnostics" in report["attacks"][attack]["routing"]["not_computed"]["all"]
+    assert report["results"]["wmdp_cyber"]["metrics"]  # the plain run is still there
+    assert "Under expert_masking" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--attacks", "lobotomy"], "Unknown attack 'lobotomy': the attacks are expert_masking, routing_restore"),
+    (["--attacks", "expert_masking", "--no_adapter"], "The routing attacks need --adapter"),
+    (["--attacks", "routing_restore", "--tasks_routing_only"], "No task of routing can run under routing_restore"),
+])
+def test_bad_attack_arguments_one_line(tiny, adapter, tmp_path, capsys, argv, fragment):
+    path, _, _ = tiny
+    tasks = "routing" if "--tasks_routing_only" in argv else "wmdp_cyber"
+    args = ["evaluate", "--model", path, "--tasks", tasks, "--output", str(tmp_path / "o"),
+            *[a for a in argv if not a.startswith("--no_") and not a.startswith("--tasks_")]]
+    if "--no_adapter" not in argv:
+        args += ["--adapter", adapter]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and fragment in err[0], err
+
+
+@needs_lm_eval
 def test_hub_task_offline_says_which_dataset_and_how_to_pass_a_copy(tiny, tmp_path, monkeypatch, capsys):
     import datasets
 

@@ -23,7 +23,7 @@ from ..errors import MoEUnlearnError
 from .benchmark_tasks import BENCHMARK_TASKS, EXTRA_DATA_KEYS, load_task_data, run_task
 from .lm_eval_tasks import LM_EVAL_TASKS
 
-__all__ = ["KNOWN_TASKS", "evaluate_model", "known_tasks_text", "load_adapter_for_eval", "write_model_card_results"]
+__all__ = ["ATTACKS", "KNOWN_TASKS", "evaluate_model", "known_tasks_text", "load_adapter_for_eval", "write_model_card_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ def evaluate_model(
     tofu_forget_split: str = "forget10",
     log_samples: bool = False,
     model_card: bool = False,
+    attacks: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Evaluate a model, with an unlearning adapter or not, on ``tasks``.
 
@@ -175,6 +176,10 @@ def evaluate_model(
             an hf-moe-unlearn adapter.
         log_samples: keep lm-eval's per-question log-likelihoods in the results.
         model_card: write the results into ``adapter``'s README.md as model-index metadata.
+        attacks: routing attacks (:data:`ATTACKS`: ``expert_masking``, ``routing_restore``) under which every task
+            is run again (hf_moe_unlearn.evaluation.attacks; docs/routing-attacks.md): does the forgetting survive
+            when the edited experts are removed from routing, or when the original model's routing is forced? Needs
+            an adapter that records its edited experts. Results go to ``report["attacks"][attack][task]``.
 
     Returns:
         ``{"results": {task: {"metrics": .., ...}}, "model": .., "adapter": .., "tasks": .., "versions": .., ...}``.
@@ -185,6 +190,7 @@ def evaluate_model(
         raise MoEUnlearnError(f"batch_size {batch_size} must be at least 1.")
     if limit is not None and limit < 1:
         raise MoEUnlearnError(f"limit {limit} must be at least 1 (leave it out for every example).")
+    attacks = check_attacks(list(attacks), adapter, tasks)
     if model_card and adapter is None:
         raise MoEUnlearnError("model_card writes the results into the adapter's README.md: it needs an adapter.")
     adapter_config = _read_adapter_config(adapter) if adapter is not None else None
@@ -222,6 +228,9 @@ def evaluate_model(
                                  batch_size=batch_size)
         if task in task_data:
             results[task]["local_data"] = os.path.abspath(task_data[task])
+    attacked = {attack: _run_under_attack(attack, model, tokenizer, tasks, prepared, own_data,
+                                          retrain_model=retrain_model, selection=selection, batch_size=batch_size,
+                                          limit=limit, log_samples=log_samples) for attack in attacks}
     report = {
         "model": model_name,
         "adapter": os.path.abspath(adapter) if adapter else None,
@@ -234,12 +243,67 @@ def evaluate_model(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(bool(prepared)),
         "results": results,
+        **({"attacks": attacked} if attacks else {}),
     }
     if output_dir is not None:
         write_results(report, output_dir)
     if model_card:
         write_model_card_results(adapter, report)
     return report
+
+
+#: Routing attacks ``evaluate`` can run every task under (the context managers of evaluation/attacks.py).
+ATTACKS = ("expert_masking", "routing_restore")
+#: Tasks an attack cannot run: routing diagnostics compare the model's own routing (an attack replaces it), and
+#: routing restore reruns the original model on each forward's whole input, which generation with a cache breaks
+#: (MUSE's VerbMem/KnowMem and TOFU's ROUGE generate).
+_NOT_UNDER_ATTACK = {"expert_masking": {"routing": "routing diagnostics read the model's own routing"},
+                     "routing_restore": {"routing": "routing diagnostics read the model's own routing",
+                                         "muse_books": "it generates with a cache", "muse_news": "it generates with a cache",
+                                         "tofu": "it generates with a cache"}}
+
+
+def check_attacks(attacks: Sequence[str], adapter: str | None, tasks: Sequence[str]) -> list[str]:
+    """The attacks, validated before anything loads: known names, no repeats, an adapter to take the edited experts
+    (masking) and the original routing (restore, the adapter disabled) from, and a task each can run."""
+    attacks = [a.strip() for a in attacks if a.strip()]
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise MoEUnlearnError(f"Unknown attack {unknown[0]!r}: the attacks are {', '.join(ATTACKS)}.")
+    if len(set(attacks)) != len(attacks):
+        raise MoEUnlearnError(f"An attack is named twice in {','.join(attacks)}.")
+    if attacks and adapter is None:
+        raise MoEUnlearnError("The routing attacks need --adapter: expert masking removes the experts the adapter "
+                              "edited, routing restore takes the routing of the model with the adapter disabled.")
+    for attack in attacks:
+        if all(task in _NOT_UNDER_ATTACK[attack] for task in tasks):
+            raise MoEUnlearnError(f"No task of {','.join(tasks)} can run under {attack}: "
+                                  + "; ".join(f"{t}: {_NOT_UNDER_ATTACK[attack][t]}" for t in tasks) + ".")
+    return attacks
+
+
+def _run_under_attack(attack: str, model, tokenizer, tasks, prepared, own_data, *, retrain_model, selection,
+                      batch_size: int, limit, log_samples: bool) -> dict[str, Any]:
+    """Every task that ``attack`` can run, inside its context; the others are listed with the reason."""
+    from .attacks import mask_experts, restore_routing
+
+    context = mask_experts(model) if attack == "expert_masking" else restore_routing(model)
+    skipped = _NOT_UNDER_ATTACK[attack]
+    out: dict[str, Any] = {}
+    with context:
+        if prepared:
+            from .lm_eval_tasks import run_lm_eval
+
+            out.update(run_lm_eval(model, tokenizer, prepared, batch_size=batch_size, limit=limit,
+                                   log_samples=log_samples))
+        for task, data in own_data.items():
+            if task not in skipped:
+                out[task] = run_task(task, model, tokenizer, data, retrain_model=retrain_model, selection=selection,
+                                     batch_size=batch_size)
+    for task in tasks:
+        if task in skipped:
+            out[task] = {"metrics": {}, "not_computed": {"all": f"not run under {attack}: {skipped[task]}"}}
+    return out
 
 
 def _versions(with_lm_eval: bool) -> dict[str, str]:
@@ -276,6 +340,12 @@ def results_markdown(report: Mapping[str, Any]) -> str:
         for metric, value in entry["metrics"].items():
             lines.append(f"| {task} | {metric} | {value:.4f} | {where} |")
         notes += [f"- {task} {metric}: not computed ({why})" for metric, why in entry.get("not_computed", {}).items()]
+    for attack, entries in report.get("attacks", {}).items():
+        lines += ["", f"Under {attack} (docs/routing-attacks.md):", "", "| task | metric | value |", "|---|---|---|"]
+        for task, entry in entries.items():
+            lines += [f"| {task} | {metric} | {value:.4f} |" for metric, value in entry["metrics"].items()]
+            notes += [f"- {task} {metric} under {attack}: not computed ({why})"
+                      for metric, why in entry.get("not_computed", {}).items()]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
