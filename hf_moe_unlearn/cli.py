@@ -73,6 +73,24 @@ def _trainable_quantization(name_or_path: str) -> dict:
     return {}
 
 
+def _check_vocabulary_before_weights(name_or_path: str, tokenizer) -> None:
+    """The trainer's tokenizer-vs-embeddings check, on the config's ``vocab_size`` (the embedding rows
+    ``from_pretrained`` builds) before the weights load, which can take minutes; the trainer checks the loaded
+    embeddings again."""
+    from transformers import AutoConfig
+
+    from .trainer import MoEUnlearnTrainer
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return  # from_pretrained reports the problem
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(config, "vocab_size", None)
+    if isinstance(rows, int) and rows > 0:
+        MoEUnlearnTrainer._check_vocabulary(rows, tokenizer, {})
+
+
 def _load_model_and_tokenizer(name_or_path: str):
     """Load a causal LM and its tokenizer from a local path or a Hub name (the Hub needs network access)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,6 +102,7 @@ def _load_model_and_tokenizer(name_or_path: str):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         from .deepspeed_support import no_zero3_init
 
+        _check_vocabulary_before_weights(name_or_path, tokenizer)
         with no_zero3_init():  # loaded whole under a ZeRO-3 config (the selection needs it); the engine shards it
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto",
                                                          **_trainable_quantization(name_or_path))

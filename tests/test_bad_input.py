@@ -311,7 +311,13 @@ def test_cli_refuses_empty_answers(tmp_path, saved_models, capsys, no_progress_b
             in _one_error_line(capsys))
 
 
-def test_cli_refuses_a_tokenizer_that_does_not_fit(tmp_path, saved_models, capsys, no_progress_bars):
+def test_cli_refuses_a_tokenizer_that_does_not_fit(tmp_path, saved_models, capsys, no_progress_bars, monkeypatch):
+    import transformers
+
+    def no_weights(*args, **kwargs):  # refused from the config's vocab_size, before the weights load
+        raise AssertionError("the weights were loaded before the vocabulary was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
     assert _unlearn(saved_models, tmp_path, model="small_vocab") == 2
     assert ("its vocabulary has 128 tokens (ids up to 127), but the model's input embeddings have 64 rows"
             in _one_error_line(capsys))
