@@ -5,13 +5,13 @@ forget:    ga, npo (reference: sequence NLLs), simnpo, rmu (hidden), idk_nll (ID
            logits), wga, satimp, ceu
 retain:    nll, kl (reference: token logits), rmu_retain (hidden, the reference's too); ``none`` is handled by the
            trainer
+router:    seuf_anchor (router logits of the selected layers)
+weighting: trace — returns ``[B, T]`` retain-token weights (aligned with the unshifted retain labels),
+           which the trainer stores in ``ctx.retain_token_weights`` before calling the retain loss.
 
 A reference read as sequence NLLs (``reference="sequence"``) is served from the trainer's per-example cache; token
 logits and RMU's hidden states are not cacheable at a useful cost (``[T, V]`` or ``[T, H]`` per example) and come
 from a reference forward at each step that asks for them.
-router:    seuf_anchor (router logits of the selected layers)
-weighting: trace — returns ``[B, T]`` retain-token weights (aligned with the unshifted retain labels),
-           which the trainer stores in ``ctx.retain_token_weights`` before calling the retain loss.
 """
 
 from __future__ import annotations

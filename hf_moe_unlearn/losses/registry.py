@@ -2,7 +2,8 @@
 
 Four kinds of loss, combined by the trainer as ``γ·forget + α·retain + anchor_weight·router``:
 
-* ``forget``  — pushes the model away from the forget data (ga, npo, simnpo, rmu, idk_nll, idk_dpo);
+* ``forget``  — pushes the model away from the forget data (ga, npo, simnpo, rmu, idk_nll, idk_dpo, dpo, undial,
+  wga, satimp, ceu);
 * ``retain``  — keeps utility on the retain data (nll, kl, rmu_retain; ``none`` is the trainer's);
 * ``router``  — acts on the router of the selected layers (seuf_anchor);
 * ``weighting`` — returns **per-token weights** ``[B, T]`` for the retain loss (trace), not a loss.
