@@ -435,8 +435,21 @@ class MoEUnlearnTrainer(Trainer):
         self._attach_hooks()
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
+        except MoEUnlearnError as err:  # a stop mid-training (loss bound, gradient guard): remembered for save_model
+            self._stopped_because = str(err)
+            raise
         finally:
             self._detach_hooks()
+
+    _stopped_because: str | None = None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``; after a run stopped by the forget-loss bound or the gradient guard it still saves
+        (the state can be worth inspecting) but warns that this adapter is the stopped run's, not a result."""
+        if self._stopped_because is not None and not _internal_call:
+            logger.warning("Saving the adapter of a run that was stopped (%s): it is not an unlearning result.",
+                           self._stopped_because.split(";")[0])
+        super().save_model(output_dir, _internal_call)
 
     def _last_checkpoint(self) -> str | None:
         """The latest complete ``checkpoint-N`` folder in ``output_dir``, or None (no folder, or none finished)."""

@@ -225,6 +225,16 @@ def test_loss_bound_stop_without_checkpoint_does_not_mention_one(tmp_path):
     assert "last saved checkpoint" not in str(err.value)
 
 
+def test_saving_a_stopped_run_warns(tmp_path, caplog):
+    trainer = _trainer(tmp_path, forget_loss_bound=1e-9, retain_loss="none", retain=None)
+    with pytest.raises(MoEUnlearnError):
+        trainer.train()
+    with caplog.at_level(logging.WARNING, logger="hf_moe_unlearn.trainer"):
+        trainer.save_model(str(tmp_path / "saved"))
+    assert [r for r in caplog.records if "run that was stopped (The forget loss is" in r.getMessage()]
+    assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()
+
+
 def test_loss_bound_stop_names_the_last_checkpoint(tmp_path, monkeypatch):
     from hf_moe_unlearn import saving
 
