@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import MoEUnlearnError
-from .run import DEMO_METHODS, METHODS, run_benchmark
+from .run import ATTACK_COLUMNS, COLUMNS, DEMO_METHODS, METHODS, run_benchmark
 
 __all__ = ["add_bench_parser", "add_demo_parser", "parse_learning_rates", "parse_seeds", "run_bench", "run_demo"]
 
@@ -89,8 +89,16 @@ def _add_common(p: argparse.ArgumentParser, default_output: str) -> None:
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """The ``bench`` subcommand: any methods, seeds and size."""
-    p = subparsers.add_parser("bench", help="Benchmark unlearning methods side by side on the synthetic MoE benchmark.")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list among: {', '.join(METHODS)}")
+    p = subparsers.add_parser(
+        "bench", help="Benchmark unlearning methods side by side on the synthetic MoE benchmark.",
+        description="Every method unlearns the same pre-trained target at each learning rate of one grid and is "
+                    "compared at matched forgetting (docs/benchmark.md). Columns: " + ", ".join(COLUMNS) + ". The "
+                    "attack columns (" + ", ".join(ATTACK_COLUMNS) + ") are the forget MCQ with the edited experts "
+                    "masked (– when every expert of a layer is edited) and with the target's routing restored, and "
+                    "the share of retain / held-out / forget tokens whose top-k routing is unchanged / changed.")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma list among: {', '.join(METHODS)} (+GRIP: the same method with GRIP's router "
+                        f"constraint, router_constraint='grip')")
     p.add_argument("--seeds", default="0,1,2", help="comma list of unlearning seeds (table: mean over seeds)")
     p.add_argument("--size", choices=["small", "full", "concentrated"], default="full",
                    help="concentrated: the full benchmark with domain-specific vocabulary, 32 experts (top-2) and a dense "

@@ -29,6 +29,16 @@ Method names (see :data:`METHODS`):
   5–7 and steers layer 7), "RMU+SEUF" the SEUF expert, which lies at or below ℓ.
 - "TRACE": TRACE's selection and token-reweighted retain loss, no anchor; "SEUF+TRACE" combines SEUF's
   selection and anchor with TRACE's reweighting; TRACE methods use GradDiff's losses unless named otherwise.
+- "+GRIP": the same method with GRIP's router constraint (``router_constraint="grip"``, default ε): the trained
+  routers' updates are projected onto the null space of the retain set's router inputs. "GradDiff+GRIP" is
+  GradDiff (LoRA on every expert, every router trained) under the constraint; "SEUF+GRIP" is GradDiff+SEUF
+  (SEUF's expert and anchor) under it; "NPO+SEUF+GRIP" likewise for NPO+SEUF. Every method trains the selected
+  layers' routers (``train_router=True``), so a "+GRIP" row differs from its base row in the constraint alone.
+
+Besides the utility and forget metrics, every unlearned model is attacked (:func:`_attack_metrics`): its forget MCQ
+with the edited experts masked out of the routing, with the target's routing restored, and after the relearning
+probe (the same steps, learning rate and data for every method), and its routing is compared with the target's
+(routing stability).
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from ..errors import MoEUnlearnError
 from .synthetic import BenchmarkSpec, SyntheticBenchmark, format_qa_prompt, make_benchmark
 
 __all__ = [
+    "ATTACK_COLUMNS",
     "COLUMNS",
     "DEMO_METHODS",
     "FORGET_TARGET_MARGIN",
@@ -89,12 +100,17 @@ class MethodSpec:
     adapter: str = "lora"
     retain_loss_weight: float = 1.0
     seuf_top_m: int = 1
+    # Every bench method trains its selected layers' routers (the config's default, stated here because GRIP
+    # constrains router updates and is refused without them).
+    train_router: bool = True
+    router_constraint: str = "none"
+    grip_rank_cutoff: float | None = None  # None: the config's default (ε = 1e-2)
 
     def config_fields(self) -> dict[str, Any]:
         """The ``MoEUnlearnConfig`` fields of this method (``all_experts`` is handled by the caller)."""
         fields = asdict(self)
         fields.pop("all_experts")
-        return fields
+        return {k: v for k, v in fields.items() if v is not None}
 
 
 def _baseline(forget: str, retain: str) -> MethodSpec:
@@ -103,6 +119,11 @@ def _baseline(forget: str, retain: str) -> MethodSpec:
 
 def _seuf(forget: str, retain: str) -> MethodSpec:
     return MethodSpec(forget, retain, selection_method="seuf", anchor_loss_weight=1.0)
+
+
+def _grip(method: MethodSpec) -> MethodSpec:
+    """``method`` with GRIP's router constraint (default ε and ridge): everything else unchanged."""
+    return replace(method, router_constraint="grip", train_router=True)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -118,6 +139,11 @@ METHODS: dict[str, MethodSpec] = {
     "SEUF+TRACE": MethodSpec("ga", "nll", selection_method="seuf", anchor_loss_weight=1.0, retain_weighting="trace"),
     "NPO+TRACE": MethodSpec("npo", "nll", selection_method="trace", retain_weighting="trace"),
 }
+METHODS.update({
+    "GradDiff+GRIP": _grip(METHODS["GradDiff"]),
+    "SEUF+GRIP": _grip(METHODS["GradDiff+SEUF"]),
+    "NPO+SEUF+GRIP": _grip(METHODS["NPO+SEUF"]),
+})
 
 #: The handful of methods of ``hf-moe-unlearn demo``: a baseline, its SEUF variant, and the SEUF/TRACE variants.
 DEMO_METHODS: tuple[str, ...] = ("GradDiff", "GradDiff+SEUF", "NPO+SEUF", "TRACE", "SEUF+TRACE")
@@ -134,7 +160,19 @@ COLUMNS: tuple[str, ...] = (
     "ppl_general",      # ↓ perplexity on held-out-template passages about retain entities
     "routing_share",    # selected experts' share of forget routing, after / before unlearning
     "relearn_mcq",      # ↓ forget MCQ accuracy after a few fine-tuning steps on half the forget text
+    # Routing attacks (hf_moe_unlearn.evaluation.attacks) on the unlearned model, and the same masking on the target:
+    "mask_forget_mcq",  # ↓ forget MCQ, the edited experts masked out of the routing (– if a layer is all edited)
+    "mask_target_mcq",  # reference: the target's forget MCQ with the same experts masked (what the others know)
+    "restore_forget_mcq",  # ↓ forget MCQ with every token routed as the target routes it (edited experts kept)
+    # Routing stability against the target (hf_moe_unlearn.evaluation.routing_stability), per token over all layers:
+    "retain_route_kept",   # ↑ share of retain-set tokens whose top-k set is unchanged in every MoE layer
+    "general_route_kept",  # ↑ the same on the held-out general texts (not seen by training or by GRIP's collection)
+    "forget_route_changed",  # share of forget tokens whose top-k set changed in at least one MoE layer
 )
+
+#: The attack and routing-stability columns (:func:`_attack_metrics`); None in the reference rows.
+ATTACK_COLUMNS: tuple[str, ...] = ("mask_forget_mcq", "mask_target_mcq", "restore_forget_mcq", "retain_route_kept",
+                                   "general_route_kept", "forget_route_changed")
 
 #: The cheap metrics measured at every probe point of a trajectory (a subset of :data:`COLUMNS`, computed by
 #: :func:`probe_metrics` both along the trajectory and in the full evaluation, so the two agree).
@@ -307,6 +345,7 @@ class _EvalData:
     holdout_texts: list[str]
     general_texts: list[str]
     relearn_texts: list[str]
+    retain_texts: list[str]
 
 
 def _head(dataset: Dataset, n: int) -> Dataset:
@@ -335,6 +374,7 @@ def _eval_data(benchmark: SyntheticBenchmark, budget: BenchBudget) -> _EvalData:
         holdout_texts=list(benchmark.holdout_text["text"]),
         general_texts=list(_head(benchmark.general_text, max(budget.n_mcq, 8))["text"]),
         relearn_texts=forget_texts[: max(1, len(forget_texts) // 2)],
+        retain_texts=list(benchmark.retain_text["text"]),
     )
 
 
@@ -439,7 +479,8 @@ def _routing_share(model, tokenizer, texts: list[str], experts: dict[int, list[i
 
 
 def _relearn(model, tokenizer, texts: list[str], budget: BenchBudget, seed: int) -> torch.nn.Module:
-    """A copy of ``model`` fine-tuned ``relearn_steps`` steps on ``texts`` (plain causal-LM loss, AdamW).
+    """A copy of ``model`` fine-tuned ``relearn_steps`` steps on ``texts`` (plain causal-LM loss, AdamW, every
+    weight; ``model`` itself is left as it is).
 
     A ten-line loop rather than a ``transformers.Trainer``: the Trainer's set-up (accelerator, output dir,
     callbacks) costs more than the handful of steps it would run here, once per model.
@@ -447,6 +488,11 @@ def _relearn(model, tokenizer, texts: list[str], budget: BenchBudget, seed: int)
     from ..data.text import PaddingCollator, tokenize_dataset
 
     probe = copy.deepcopy(model).train()
+    # Every weight trains, whatever the flags the model arrives with: a merged PEFT model keeps the base weights
+    # frozen (only the trained routers still require grad), the target and retrain models none. Without this the
+    # probe fine-tuned the routers alone for unlearned models and every weight for the reference rows: not one
+    # attack budget for all.
+    probe.requires_grad_(True)
     device = next(probe.parameters()).device
     data = tokenize_dataset(texts, tokenizer, max_length=128, name="relearn set")
     collate = PaddingCollator(tokenizer.pad_token_id)
@@ -474,6 +520,60 @@ def _relearn_mcq(model, tokenizer, data: _EvalData, budget: BenchBudget, seed: i
     accuracy = mcq_accuracy(probe, tokenizer, data.forget_mcq, mode="choices", add_special_tokens=True)["accuracy"]
     del probe
     return accuracy
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Routing attacks and routing stability
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _edits_a_whole_layer(model, experts: dict[int, list[int]]) -> bool:
+    """True when some layer has every routed expert edited: masking them would leave nothing to route to."""
+    from ..moe import find_moe_layers
+
+    sizes = {layer.index: layer.num_experts for layer in find_moe_layers(model)}
+    return any(len(set(ids)) >= sizes[index] for index, ids in experts.items() if ids)
+
+
+def _attack_metrics(model, target, tokenizer, data: _EvalData, experts: dict[int, list[int]]) -> dict[str, Any]:
+    """The :data:`ATTACK_COLUMNS` of a merged unlearned ``model``, against the ``target`` it was unlearned from.
+
+    - Expert masking (``mask_forget_mcq``): the forget MCQ with ``experts`` (the ones the method edited) removed
+      from the routing, so every token goes to experts the unlearning did not train. ``mask_target_mcq`` is the same
+      masking on the target: how much of the forget knowledge the other experts held before unlearning. Both None
+      when a layer has every expert edited (the all-experts baselines): no expert would be left to route to.
+    - Routing restore (``restore_forget_mcq``): the forget MCQ with every token routed as the target routes it (its
+      top-k and gates), the unlearned experts kept. Teacher-forced scoring, so the restore's rule (the original must
+      see the whole sequence) holds; it doubles the forwards of this one MCQ pass.
+    - Routing stability against the target, per token over every MoE layer (the same denominator for every method:
+      a method that trains one layer can change only the routing from that layer up): ``retain_route_kept`` on the
+      benchmark's retain set (the texts the retain loss and GRIP's collection see), ``general_route_kept`` on the
+      held-out general texts, ``forget_route_changed`` on the forget set. The full results, per layer, are returned
+      under ``routing_stability`` (kept in results.json's per-seed rows).
+
+    The merged model records no adapter, hence ``experts`` and ``original=target`` are always passed.
+    """
+    from ..evaluation import mask_experts, mcq_accuracy, restore_routing, routing_stability
+
+    def forget_mcq(m) -> float:
+        return mcq_accuracy(m, tokenizer, data.forget_mcq, mode="choices", add_special_tokens=True)["accuracy"]
+
+    model.eval()
+    out: dict[str, Any] = {"mask_forget_mcq": None, "mask_target_mcq": None}
+    if not _edits_a_whole_layer(model, experts):
+        with mask_experts(model, experts):
+            out["mask_forget_mcq"] = forget_mcq(model)
+        with mask_experts(target, experts):
+            out["mask_target_mcq"] = forget_mcq(target)
+    with restore_routing(model, original=target):
+        out["restore_forget_mcq"] = forget_mcq(model)
+    stability = routing_stability(model, tokenizer, data.retain_texts, data.forget_texts, original=target)
+    general = routing_stability(model, tokenizer, data.general_texts, original=target)
+    out.update(retain_route_kept=stability["retain_unchanged_all_layers"],
+               general_route_kept=general["retain_unchanged_all_layers"],
+               forget_route_changed=stability["forget_changed_any_layer"],
+               routing_stability={"retain_and_forget": stability, "general": general})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -511,11 +611,14 @@ def method_selection(method: MethodSpec, model, rmu_layer: int | None = None, se
 
 def _unlearn(target, tokenizer, benchmark: SyntheticBenchmark, method: MethodSpec, budget: BenchBudget,
              seed: int, workdir: Path, device: str | None, rmu_layer: int | None = None, seuf_selection=None, *,
-             learning_rate: float | None = None, callbacks: Sequence[TrainerCallback] = (), merge: bool = True):
+             learning_rate: float | None = None, callbacks: Sequence[TrainerCallback] = (), merge: bool = True,
+             record: dict[str, Any] | None = None):
     """Unlearn a copy of ``target`` with ``method``; returns the model and its expert selection.
 
     ``learning_rate``: default the grid's first. ``callbacks`` go to the trainer (a :class:`TrajectoryCallback` is
     bound to it for the run). ``merge``: return the merged plain model (True) or the live LoRA model (False).
+    ``record``: filled with what the trainer actually ran (:func:`_run_record`: its router settings and, under
+    GRIP, each constrained layer's null space), for results.json.
     """
     from ..config import MoEUnlearnConfig
     from ..trainer import MoEUnlearnTrainer
@@ -544,11 +647,29 @@ def _unlearn(target, tokenizer, benchmark: SyntheticBenchmark, method: MethodSpe
         for callback in bound:
             callback.bind(None)  # no reference to the trainer (and its optimizer) outlives the run
     experts = dict(trainer.selection.experts)
+    if record is not None:
+        record.update(_run_record(trainer))
     model = trainer.model
     del trainer
     if merge:
         return model.merge_and_unload().eval(), experts
     return model, experts
+
+
+def _run_record(trainer) -> dict[str, Any]:
+    """What a bench run's trainer ran with, read from the trainer (not the method spec): the router settings, and
+    under GRIP each constrained router's null space (``trainer.grip``, built from the retain set before training)."""
+    args = trainer.args
+    grip = getattr(trainer, "grip", None)
+    return {
+        "config": {"router_constraint": args.router_constraint, "train_router": args.train_router,
+                   "grip_rank_cutoff": args.grip_rank_cutoff, "grip_ridge": args.grip_ridge,
+                   "anchor_loss_weight": args.anchor_loss_weight, "learning_rate": args.learning_rate},
+        "grip": None if grip is None else {
+            f"L{index}": {"null_dim": layer.null_dim, "dim": int(layer.directions.shape[0]), "tokens": layer.tokens,
+                          "retain_energy_left": layer.retain_energy_left}
+            for index, layer in grip.layers.items()},
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -722,6 +843,8 @@ def _reference_rows(pair, tokenizer, data: _EvalData, budget: BenchBudget, seed:
     for name, row in rows.items():
         _relative_metrics(row, rows["retrain"])
         row["relearn_mcq"] = _relearn_mcq(getattr(pair, name), tokenizer, data, budget, seed)
+        # The attacks and routing stability compare an unlearned model with the target: nothing to compare here.
+        row.update(dict.fromkeys(ATTACK_COLUMNS))
     return rows
 
 
@@ -737,6 +860,10 @@ def _resolve_target(forget_target: float | None, retrain_forget: float) -> tuple
             f"it unset for the default (retrain + {FORGET_TARGET_MARGIN} = "
             f"{min(1.0, retrain_forget + FORGET_TARGET_MARGIN):.3f}).")
     return forget_target, "user"
+
+
+def _fmt(value: float | None, precision: int = 3) -> str:
+    return "–" if value is None else f"{value:.{precision}f}"
 
 
 def _joined(values: Sequence[Any], fmt=str) -> str | None:
@@ -772,17 +899,21 @@ def _summary_line(name: str, row: dict[str, Any], target: float, match: str) -> 
     lr, step = _joined(row["lrs"], lambda v: f"{v:g}"), _joined(row["steps"])
     utility = (f"utility MCQ {_with_spread(row, 'utility_mcq')}, retain KnowMem {_with_spread(row, 'retain_knowmem')}, "
                f"general ppl {_with_spread(row, 'ppl_general', 1)}")
+    attacks = (f"; forget MCQ under attack: experts masked {_with_spread(row, 'mask_forget_mcq')}, routing restored "
+               f"{_with_spread(row, 'restore_forget_mcq')}, relearned {_with_spread(row, 'relearn_mcq')}; retain "
+               f"routing kept {_with_spread(row, 'retain_route_kept')}")
     if match == "none":
         state = "reached" if row["reached"] == row["n_seeds"] else f"reached in {row['reached']}/{row['n_seeds']} seeds"
         if not row["reached"]:
             state = "did not reach"
         return (f"{name}: {state} forget MCQ <= {target:.3f} after {step} steps at lr {lr} "
-                f"(forget MCQ {_with_spread(row, 'forget_mcq')}); {utility}")
+                f"(forget MCQ {_with_spread(row, 'forget_mcq')}); {utility}" + attacks)
     if row["reached"]:
         return (f"{name}: reached forget MCQ <= {target:.3f} in {row['reached']}/{row['n_seeds']} seeds (lr {lr}, "
-                f"step {step}; forget MCQ {_with_spread(row, 'forget_mcq')}); utility at matched forgetting: {utility}")
+                f"step {step}; forget MCQ {_with_spread(row, 'forget_mcq')}); utility at matched forgetting: "
+                f"{utility}" + attacks)
     return (f"{name}: did NOT reach forget MCQ <= {target:.3f} in any of {row['n_seeds']} seeds; closest forget MCQ "
-            f"{_with_spread(row, 'forget_mcq')} (lr {lr}, step {step}), there {utility}")
+            f"{_with_spread(row, 'forget_mcq')} (lr {lr}, step {step}), there {utility}" + attacks)
 
 
 def run_benchmark(
@@ -891,13 +1022,15 @@ def run_benchmark(
         per_seed[name] = []
         for seed in seeds:
             runs: dict[float, tuple[Any, dict[int, list[int]], TrajectoryCallback]] = {}
+            records: dict[float, dict[str, Any]] = {}
             for lr in budget.learning_rates:
                 t0 = time.perf_counter()
                 callback = TrajectoryCallback(probe, budget.eval_every,
                                               stop_when=(lambda p: _reaches(p, target)) if match == "forget" else None)
                 model, experts = _unlearn(pair.target, tokenizer, benchmark, METHODS[name], budget, seed, workdir,
                                           device, rmu_layer=rmu_layer, seuf_selection=seuf_selection,
-                                          learning_rate=lr, callbacks=[callback], merge=False)
+                                          learning_rate=lr, callbacks=[callback], merge=False,
+                                          record=records.setdefault(lr, {}))
                 runs[lr] = (model, experts, callback)
                 first = next((p["step"] for p in callback.points if _reaches(p, target)), None)
                 seconds = time.perf_counter() - t0
@@ -921,13 +1054,17 @@ def run_benchmark(
             _relative_metrics(row, rows["retrain"])
             row["routing_share"] = _routing_share(model, tokenizer, data.forget_texts, experts, before)
             row["relearn_mcq"] = _relearn_mcq(model, tokenizer, data, budget, seed)
+            row.update(_attack_metrics(model, pair.target, tokenizer, data, experts))
+            row.update(records[choice["lr"]])
             row.update(seed=seed, reached=choice["reached"], lr=choice["lr"], step=choice["step"],
                        probe=choice["point"], selected_experts={str(k): v for k, v in experts.items()},
                        seconds=time.perf_counter() - t0)
             per_seed[name].append(_public(row))
             log(f"[bench] {name} seed {seed}: {'matched' if choice['reached'] else 'target not reached; closest'} "
                 f"at lr {choice['lr']:g} step {choice['step']}: forget_mcq={row['forget_mcq']:.3f} "
-                f"utility_mcq={row['utility_mcq']:.3f} retain_knowmem={row['retain_knowmem']:.3f} "
+                f"utility_mcq={row['utility_mcq']:.3f} retain_knowmem={row['retain_knowmem']:.3f}; under attack "
+                f"forget_mcq: masked {_fmt(row['mask_forget_mcq'])}, restored {_fmt(row['restore_forget_mcq'])}, "
+                f"relearned {row['relearn_mcq']:.3f}; retain routing kept {row['retain_route_kept']:.3f} "
                 f"(full evaluation {row['seconds']:.0f}s)")
             del model, live
         rows[name] = _matched_row(per_seed[name], match)
@@ -998,6 +1135,14 @@ def _markdown_report(result: dict[str, Any]) -> str:
         "Lower is better: forget_mcq, forget_knowmem, verbmem, ppl_general, relearn_mcq. Higher: forget_quality, "
         "retain_knowmem, utility_mcq. privleak: closer to 0. Reference rows: target (nothing forgotten) and "
         "retrain (never saw the forget set). routing_share: '–' when every expert was trained.\n\n"
+        "Attacks on each unlearned model (lower forget MCQ under attack = the forgetting survives it): "
+        "relearn_mcq after the relearning probe (the same steps, learning rate and data for every method); "
+        "mask_forget_mcq with the edited experts masked out of the routing ('–' when every expert of a layer was "
+        "edited: nothing left to route to), mask_target_mcq the target with the same experts masked; "
+        "restore_forget_mcq with every token routed as the target routes it. Routing stability against the target, "
+        "per token over all MoE layers: retain_route_kept (retain set) and general_route_kept (held-out general "
+        "texts), share of tokens whose top-k set is unchanged in every layer; forget_route_changed, share of forget "
+        "tokens whose top-k set changed in some layer. '–' in the reference rows.\n\n"
         "## Matched forgetting\n\n"
         + result["table"]
         + "\n## Per method\n\n"
