@@ -226,33 +226,39 @@ def prepare_variant(variant: Variant, size: str, device: torch.device, warmup: i
     return Prepared(variant, model, optimizer, batch, sum(p.numel() for p in params), peak, estimate, impl)
 
 
-def time_steps(prepared: Prepared, steps: int, device: torch.device) -> float:
-    """Seconds for ``steps`` training steps of one prepared variant (device synchronised at both ends)."""
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(prepared.model, prepared.optimizer, prepared.batch)
-    sync(device)
-    return time.perf_counter() - start
-
-
-def interleaved_throughput(prepared: list[Prepared], steps: int, block: int, device: torch.device,
-                           repeat: int) -> list[float]:
-    """Tokens/s of every variant over one repeat, timed in round-robin blocks of ``block`` steps.
+def interleaved_elapsed(run_steps: Callable[[int, int], None], variants: int, steps: int, block: int,
+                        device: torch.device, repeat: int) -> list[float]:
+    """Total seconds of ``steps`` steps of each of ``variants`` variants, timed in round-robin blocks of ``block``
+    steps; ``run_steps(i, n)`` runs ``n`` steps of variant ``i``.
 
     Throughput on a shared machine drifts by +-10% over tens of seconds; running every variant for a few steps in
     turn puts the same drift into each variant's total, so the ratios between them hold. The order rotates with
     ``repeat`` so that no variant always follows the same one.
     """
-    elapsed = [0.0] * len(prepared)
-    order = [(i + repeat) % len(prepared) for i in range(len(prepared))]
+    elapsed = [0.0] * variants
+    order = [(i + repeat) % variants for i in range(variants)]
     gc.disable()  # as timeit does: no collector pauses inside the timed loop
     try:
         for done in range(0, steps, block):
             for i in order:
-                elapsed[i] += time_steps(prepared[i], min(block, steps - done), device)
+                sync(device)
+                start = time.perf_counter()
+                run_steps(i, min(block, steps - done))
+                sync(device)
+                elapsed[i] += time.perf_counter() - start
     finally:
         gc.enable()
+    return elapsed
+
+
+def interleaved_throughput(prepared: list[Prepared], steps: int, block: int, device: torch.device,
+                           repeat: int) -> list[float]:
+    """Tokens/s of every variant over one repeat (:func:`interleaved_elapsed`)."""
+    def run_steps(i: int, n: int) -> None:
+        for _ in range(n):
+            train_step(prepared[i].model, prepared[i].optimizer, prepared[i].batch)
+
+    elapsed = interleaved_elapsed(run_steps, len(prepared), steps, block, device, repeat)
     tokens = prepared[0].batch.numel() * steps
     return [tokens / e for e in elapsed]
 

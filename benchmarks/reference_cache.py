@@ -20,10 +20,8 @@ largest difference between the two adapters after the run (the cache must not ch
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,7 +29,7 @@ import torch
 
 # One definition for the step benchmarks: the same model sizes ("tiny", and "gpu" = the 0.49B of every GPU
 # figure), device naming and argument checks as benchmarks/expert_lora_step.py.
-from expert_lora_step import SIZES, _at_least_one, build_model, device_name
+from expert_lora_step import SIZES, _at_least_one, build_model, device_name, interleaved_elapsed, sync
 
 SELECTION = {6: [0]}  # SEUF's default: one expert in layer 6 of 8, plus its router (anchor on)
 EXAMPLES = 16  # forget examples (and retain examples): EXAMPLES / batch steps per epoch
@@ -140,31 +138,14 @@ def train_step(prepared: Prepared) -> None:
     prepared.optimizer.zero_grad(set_to_none=True)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleaved_seconds(prepared: list[Prepared], steps: int, block: int, device: torch.device,
                         repeat: int) -> list[float]:
-    """Seconds per step of every variant over one repeat, timed in round-robin blocks of ``block`` steps, the order
-    rotated with ``repeat`` so that no variant always follows the same one."""
-    elapsed = [0.0] * len(prepared)
-    order = [(i + repeat) % len(prepared) for i in range(len(prepared))]
-    gc.disable()  # as timeit does: no collector pauses inside the timed loop
-    try:
-        for done in range(0, steps, block):
-            for i in order:
-                n = min(block, steps - done)
-                sync(device)
-                start = time.perf_counter()
-                for _ in range(n):
-                    train_step(prepared[i])
-                sync(device)
-                elapsed[i] += time.perf_counter() - start
-    finally:
-        gc.enable()
-    return [e / steps for e in elapsed]
+    """Seconds per step of every variant over one repeat, timed in round-robin blocks (:func:`interleaved_elapsed`)."""
+    def run_steps(i: int, n: int) -> None:
+        for _ in range(n):
+            train_step(prepared[i])
+
+    return [e / steps for e in interleaved_elapsed(run_steps, len(prepared), steps, block, device, repeat)]
 
 
 def adapter_difference(a: Prepared, b: Prepared) -> float:
