@@ -159,6 +159,29 @@ def test_default_cutoff_bound(tmp_path, tiny_tokenizer):
     assert 0 < layer.null_dim < h1.shape[1] and layer.retain_energy_left <= eps
 
 
+def test_no_free_direction_is_said_and_freezes_the_router(tmp_path, tiny_tokenizer, caplog):
+    """More retain tokens than router input dimensions fill every direction: with a tiny ε nothing is left to the
+    router, which then cannot move (checked on its weights), and the run says so; with the few-token retain set of
+    the other tests there is room, and no warning."""
+    many = [" ".join(f"w{40 + (i * 7 + j) % 80}" for i in range(j, j + 8)) for j in range(40)]  # 320 tokens > 65
+    trainer = _trainer(tmp_path, tiny_tokenizer, "qwen3_moe", retain=many, optim="sgd", learning_rate=0.5,
+                       router_constraint="grip", grip_rank_cutoff=1e-12)
+    with caplog.at_level("WARNING", logger="hf_moe_unlearn.routing.grip"):
+        trainer.train()
+    assert trainer.grip.layers[LAYER].null_dim == 0
+    start, trained = _weights(trainer)
+    assert torch.equal(start, trained)
+    assert any("no free direction" in r.getMessage() and f"[{LAYER}]" in r.getMessage() for r in caplog.records)
+
+    caplog.clear()
+    roomy = _trainer(tmp_path / "roomy", tiny_tokenizer, "qwen3_moe", optim="sgd", learning_rate=0.5,
+                     router_constraint="grip", grip_rank_cutoff=1e-12)
+    with caplog.at_level("WARNING", logger="hf_moe_unlearn.routing.grip"):
+        roomy.train()
+    assert roomy.grip.layers[LAYER].null_dim > 0
+    assert not any("no free direction" in r.getMessage() for r in caplog.records)
+
+
 def test_protected_directions_by_hand():
     """The cut-off on a diagonal second moment, where the eigen-directions are the axes: energies 6, 3, 0.9, 0.1."""
     moment = torch.diag(torch.tensor([3.0, 0.1, 6.0, 0.9], dtype=torch.float64))

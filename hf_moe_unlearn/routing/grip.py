@@ -289,12 +289,23 @@ class GripProjection:
             logger.info("GRIP layer %d: %d retain tokens, null space %d of %d dimensions, %.2e of the retain energy "
                         "left in it", index, layer.tokens, layer.null_dim, layer.directions.shape[0],
                         layer.retain_energy_left)
+        frozen = sorted(index for index, layer in layers.items() if layer.null_dim == 0)
+        if frozen:
+            # Not an error (a frozen router is a legitimate limit of the constraint), but the run and its model card
+            # say "GRIP" while these routers cannot move at all: say so once, with what would free them.
+            logger.warning("GRIP leaves the router of layer(s) %s no free direction (grip_rank_cutoff=%g: the retain "
+                           "inputs fill every direction above it), so those routers cannot change: the run is the "
+                           "same as with them frozen. A larger grip_rank_cutoff frees directions (docs/unlearning.md, "
+                           "GRIP); train_router=False says 'frozen' plainly.", frozen, cutoff)
         return cls(layers, seconds)
 
     @torch.no_grad()
     def project(self) -> None:
         """``M ← M_0 + (M − M_0) − ((M − M_0) U) U^T`` for every constrained router."""
         for layer in self.layers.values():
+            if layer.null_dim == 0:  # U spans everything: the projection is exactly the start (no float residue)
+                layer.params.assign(layer.start)
+                continue
             change = layer.params.matrix() - layer.start
             change -= (change @ layer.directions) @ layer.directions.T
             layer.params.assign(layer.start + change)
